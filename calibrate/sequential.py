@@ -1,0 +1,205 @@
+"""Model plumbing for block-by-block calibration of a LlamaForCausalLM.
+
+One decoder block lives on the calibration device at a time, with a dense copy of itself; the two
+activation streams (dense model X̃, compressed model X̂) stay on CPU unless they fit the device.
+The solver math is in calibrate.solver; this module only walks layers, hooks inputs and keeps the
+streams.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from calibrate import solver
+from duo_vllm.format import LINEAR_GROUPS, LINEAR_NAMES, DuoConfig, apply_threshold
+
+log = logging.getLogger("duo.calibrate")
+QUANTILE_SAMPLE = 1 << 24  # entries kept per group for the threshold quantile (exact below this)
+
+
+class _Stop(Exception):
+    """Raised by a capture hook once the wanted input is seen, so the rest of the block is not run."""
+
+
+def _capture_input(module: nn.Module, sink: list) -> torch.utils.hooks.RemovableHandle:
+    def hook(_m, args):
+        sink.append(args[0])
+        raise _Stop
+
+    return module.register_forward_pre_hook(hook)
+
+
+def _threshold_hook(module: nn.Module, t: float) -> torch.utils.hooks.RemovableHandle:
+    def hook(_m, args):
+        return (apply_threshold(args[0], t),) + tuple(args[1:])
+
+    return module.register_forward_pre_hook(hook)
+
+
+@torch.no_grad()
+def _block_inputs(model: nn.Module, ids: torch.Tensor, device: torch.device) -> tuple[list[torch.Tensor], dict]:
+    """Hidden states entering block 0 for each sample, and the block keyword arguments (mask, rotary)."""
+    layers = model.model.layers
+    captured: dict = {}
+    inps: list[torch.Tensor] = []
+
+    class Catcher(nn.Module):
+        def __init__(self, block: nn.Module):
+            super().__init__()
+            self.block = block
+
+        def forward(self, hidden, **kwargs):
+            inps.append(hidden)
+            captured.update(kwargs)
+            raise _Stop
+
+    model.model.embed_tokens.to(device)
+    model.model.rotary_emb.to(device)
+    layers[0] = Catcher(layers[0])
+    try:
+        for row in ids:
+            try:
+                model(row.unsqueeze(0).to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        layers[0] = layers[0].block
+        model.model.embed_tokens.cpu()
+    kwargs = {k: v for k, v in captured.items() if k in ("attention_mask", "position_ids", "position_embeddings")}
+    return inps, kwargs
+
+
+def _run(block: nn.Module, x: torch.Tensor, kwargs: dict, device: torch.device) -> torch.Tensor:
+    out = block(x.to(device), **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _group_input(block: nn.Module, first: nn.Module, x: torch.Tensor, kwargs: dict, device) -> torch.Tensor:
+    """Input of `first` (a linear of `block`) when the block runs on x; stops right there."""
+    sink: list = []
+    handle = _capture_input(first, sink)
+    try:
+        _run(block, x, kwargs, device)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return sink[0]
+
+
+def prune_weight(W: torch.Tensor, stats: solver.InputStats, cfg: DuoConfig) -> torch.Tensor:
+    """Apply the configured method to one linear's weight given its input statistics."""
+    p = cfg.weight_sparsity
+    if cfg.method == "dense" or p == 0:
+        return W
+    if cfg.method == "magnitude":
+        return solver.magnitude_prune(W, p)
+    if cfg.method == "wanda":
+        return solver.wanda_prune(W, stats.sq_norm, p)
+    if cfg.method == "sparsegpt":
+        return solver.sparsegpt_prune(W, stats.H, p, blocksize=cfg.blocksize, percdamp=cfg.percdamp)
+    return solver.duogpt_prune(
+        W, stats.H, stats.G, stats.a, p,
+        blocksize=cfg.blocksize, percdamp=cfg.percdamp, alpha=cfg.alpha,
+        residual_weights=cfg.residual_weights, mask_score=cfg.mask_score,
+    )
+
+
+@torch.no_grad()
+def calibrate_blocks(
+    model: nn.Module,
+    ids: torch.Tensor,
+    cfg: DuoConfig,
+    device: torch.device,
+    log_line: Callable[[str], None] = log.info,
+) -> tuple[dict[tuple[int, str], float], list[dict]]:
+    """Prune every decoder block of `model` in place and calibrate its activation thresholds.
+
+    Returns ({(layer, linear): threshold}, per-layer report rows).
+    """
+    gen = torch.Generator().manual_seed(cfg.seed)
+    inps, kwargs = _block_inputs(model, ids, device)
+    storage = device if _fits_on_device(inps, device) else torch.device("cpu")
+    inps = [x.to(storage) for x in inps]
+    fp_inps = [x.clone() for x in inps]
+    thresholds: dict[tuple[int, str], float] = {}
+    rows: list[dict] = []
+    layers = model.model.layers
+    bar = tqdm(range(len(layers)), desc="calibrating", unit="block", dynamic_ncols=True)
+    for idx in bar:
+        t0 = time.time()
+        block = layers[idx].to(device)
+        dense_block = copy.deepcopy(block)  # the original weights, for the dense stream X̃
+        handles = []
+        for group, names in LINEAR_GROUPS.items():
+            bar.set_postfix_str(f"({idx + 1}/{len(layers)}) {group}")
+            first, dense_first = block.get_submodule(names[0]), dense_block.get_submodule(names[0])
+            k = first.in_features
+
+            def sparse_stream_input(s: int) -> torch.Tensor:
+                if cfg.input_stream == "dense":
+                    return _group_input(dense_block, dense_first, fp_inps[s], kwargs, device)
+                return _group_input(block, first, inps[s], kwargs, device)
+
+            t = 0.0
+            if cfg.act_sparsity > 0:
+                keep = max(1, QUANTILE_SAMPLE // len(inps))
+                samples = []
+                for s in range(len(inps)):
+                    x = sparse_stream_input(s).reshape(-1)
+                    if x.numel() > keep:
+                        x = x[torch.randint(0, x.numel(), (keep,), generator=gen).to(x.device)]
+                    samples.append(x.float().cpu())
+                t = solver.activation_threshold(torch.cat(samples), cfg.act_sparsity)
+
+            stats = solver.InputStats(k, device=device)
+            zeros = 0
+            for s in range(len(inps)):
+                x_hat = apply_threshold(sparse_stream_input(s), t)
+                zeros += int((x_hat == 0).sum())
+                stats.add(x_hat, _group_input(dense_block, dense_first, fp_inps[s], kwargs, device))
+            act_sparsity = zeros / (stats.tokens * k)
+
+            for name in names:
+                linear = block.get_submodule(name)
+                W = linear.weight.data
+                W_new = prune_weight(W, stats, cfg)
+                err = solver.reconstruction_error(W_new, W, stats)
+                linear.weight.data = W_new.to(W.dtype)
+                thresholds[(idx, name)] = t
+                w_sp = float((linear.weight == 0).float().mean())
+                rows.append({
+                    "layer": idx, "linear": name, "numel": W.numel(),
+                    "weight_sparsity": w_sp, "act_sparsity": act_sparsity,
+                    "threshold": t, "rel_error": err,
+                })
+                log_line(f"layer {idx:3d} {name:16s} w-sparsity {w_sp:.3f} x-sparsity {act_sparsity:.3f} "
+                         f"t {t:.4g} rel-err {err:.4g}")
+            handles += [_threshold_hook(block.get_submodule(n), t) for n in names]
+            del stats
+
+        for s in range(len(inps)):
+            inps[s] = _run(block, inps[s], kwargs, device).to(storage)
+            fp_inps[s] = _run(dense_block, fp_inps[s], kwargs, device).to(storage)
+        for h in handles:
+            h.remove()
+        layers[idx] = block.cpu()
+        del dense_block
+        for r in rows[-len(LINEAR_NAMES):]:
+            r["block_seconds"] = round(time.time() - t0, 3)
+    return thresholds, rows
+
+
+def _fits_on_device(inps: list[torch.Tensor], device: torch.device) -> bool:
+    """Keep both streams on the GPU only when they take under a quarter of its free memory."""
+    if device.type != "cuda":
+        return True
+    need = 2 * sum(x.numel() * x.element_size() for x in inps)
+    free, _ = torch.cuda.mem_get_info(device)
+    return need < free // 4

@@ -1,0 +1,215 @@
+"""DuoGPT / SparseGPT / Wanda / magnitude pruning: pure functions on tensors, no model knowledge.
+
+Conventions: a linear layer computes y = W x with W of shape (n, k); calibration inputs are fed
+token by token, so statistics are (k, k) matrices summed over tokens:
+  H = X̂ X̂ᵀ            Hessian of the sparse input the deployed model sees
+  G = (X̃ − X̂) X̂ᵀ      cross term between the dense-model input X̃ and X̂
+  A = (X̃ − X̂)(X̃ − X̂)ᵀ,  a = diag(A)
+DuoGPT minimises ‖W' X̂ − W X̃‖² over W' with a fraction p_w of zeros; with X̃ = X̂ (G = 0, a = 0)
+it is exactly SparseGPT.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger("duo.calibrate.solver")
+
+
+@dataclass
+class InputStats:
+    """Running sums over calibration tokens for one linear input (shared by the linears of a group)."""
+
+    k: int
+    device: torch.device | str = "cpu"
+    dtype: torch.dtype = torch.float32
+    with_residual: bool = True
+    tokens: int = 0
+    H: torch.Tensor = field(init=False)
+    G: torch.Tensor | None = field(init=False)
+    A: torch.Tensor | None = field(init=False)
+    sq_norm: torch.Tensor = field(init=False)  # Σ x̂² per channel (Wanda's ‖X_j‖²)
+
+    def __post_init__(self) -> None:
+        z = lambda *s: torch.zeros(*s, device=self.device, dtype=self.dtype)  # noqa: E731
+        self.H = z(self.k, self.k)
+        self.G = z(self.k, self.k) if self.with_residual else None
+        self.A = z(self.k, self.k) if self.with_residual else None
+        self.sq_norm = z(self.k)
+
+    def add(self, x_sparse: torch.Tensor, x_dense: torch.Tensor | None = None) -> None:
+        """Accumulate a batch of tokens: x_sparse = X̂ (…, k), x_dense = X̃ (…, k) at the same positions."""
+        xs = x_sparse.reshape(-1, self.k).to(self.dtype)
+        self.H.addmm_(xs.T, xs)
+        self.sq_norm += (xs * xs).sum(0)
+        if self.with_residual:
+            if x_dense is None:
+                raise ValueError("InputStats(with_residual=True).add needs the dense-stream input")
+            dx = x_dense.reshape(-1, self.k).to(self.dtype) - xs
+            self.G.addmm_(dx.T, xs)
+            self.A.addmm_(dx.T, dx)
+        self.tokens += xs.shape[0]
+
+    @property
+    def a(self) -> torch.Tensor | None:
+        return torch.diag(self.A) if self.A is not None else None
+
+
+def activation_threshold(samples: torch.Tensor, sparsity: float) -> float:
+    """t such that a fraction `sparsity` of |samples| is ≤ t (so x·(|x| > t) zeroes that fraction)."""
+    if sparsity <= 0:
+        return 0.0
+    flat = samples.reshape(-1).abs().float()
+    kth = max(1, min(flat.numel(), int(round(sparsity * flat.numel()))))
+    return float(torch.kthvalue(flat.cpu(), kth).values)
+
+
+def inverse_hessian_factor(H: torch.Tensor, percdamp: float, max_tries: int = 8) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of (H + λ·mean(diag H)·I)⁻¹ = UᵀU, raising λ ×10 while H is not positive definite.
+
+    Returns (U, λ used). Dead channels must already have H_jj = 1.
+    """
+    mean_diag = torch.mean(torch.diag(H)).clamp_min(1e-12)
+    damp = percdamp
+    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+    for attempt in range(max_tries):
+        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0 and torch.isfinite(U).all():
+                if attempt:
+                    log.warning("Hessian not positive definite: damping raised to %.3g of mean(diag H)", damp)
+                return U, damp
+        damp = max(damp, 1e-6) * 10
+    raise torch.linalg.LinAlgError(f"Hessian is not positive definite even with damping {damp / 10:.3g}·mean(diag H)")
+
+
+def _dead_channels(H: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """Channels never active in calibration: make H invertible there and zero their weights (in place)."""
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    return dead
+
+
+def duogpt_prune(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    G: torch.Tensor | None,
+    a: torch.Tensor | None,
+    sparsity: float,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    alpha: float = 1.0,
+    residual_weights: str = "pre_prune",
+    mask_score: str = "prune_loss",
+) -> torch.Tensor:
+    """Prune W (n × k) to `sparsity` zeros per `blocksize` columns, minimising ‖W'X̂ − WX̃‖².
+
+    G = a = None gives SparseGPT (symmetric target). Works in float32 (or the dtype of H) and returns
+    W' in W's dtype. Columns are visited left to right; each one's pruning error and its share of the
+    residual W ΔX are compensated by the columns not visited yet (Hessian synchronisation), lazily
+    per block. `residual_weights`: the weights carrying the residual across blocks, 'pre_prune'
+    (value when visited, exact) or 'pruned'. `mask_score`: 'prune_loss' ranks by the full loss of
+    pruning S; 'marginal' by S minus the loss the entry causes when kept.
+    """
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    out_dtype = W.dtype
+    H = H.clone()
+    W = W.to(H.dtype).clone()
+    n, k = W.shape
+    _dead_channels(H, W)
+    U, _ = inverse_hessian_factor(H, percdamp)
+    del H
+    asymmetric = G is not None
+    if asymmetric:
+        Q = G.to(U.dtype) @ U.T
+        P = torch.triu(Q, diagonal=1) @ U
+        diag_u = torch.diag(U)
+        # per-column loss terms of the asymmetric target (see module doc): a − b + 2c
+        extra = a.to(U.dtype) - (torch.triu(Q, diagonal=1) ** 2).sum(1) + 2 * torch.diag(Q) / diag_u
+        keep_loss = a.to(U.dtype) - (torch.triu(Q, diagonal=1) ** 2).sum(1)
+        del Q
+
+    for i1 in range(0, k, blocksize):
+        i2 = min(i1 + blocksize, k)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        U1 = U[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        Pre1 = torch.zeros_like(W1) if asymmetric else None
+
+        # adaptive mask: the `sparsity` fraction of this block's entries that are cheapest to prune
+        score = W1**2 / torch.diag(U1).reshape(1, -1) ** 2
+        if asymmetric:
+            extra1 = extra[i1:i2] if mask_score == "prune_loss" else extra[i1:i2] - keep_loss[i1:i2]
+            score = score + W1**2 * extra1.reshape(1, -1)
+        n_prune = int(score.numel() * sparsity)
+        prune = torch.zeros(score.numel(), dtype=torch.bool, device=W.device)
+        prune[torch.argsort(score.reshape(-1), stable=True)[:n_prune]] = True
+        prune = prune.reshape(score.shape)
+
+        for i in range(count):
+            w = W1[:, i]
+            q = torch.where(prune[:, i], torch.zeros_like(w), w)
+            err = (w - q) / U1[i, i]
+            if asymmetric:
+                Pre1[:, i] = w if residual_weights == "pre_prune" else q
+                W1[:, i + 1 :] += alpha * Pre1[:, i : i + 1] * P[i1 + i, i1 + i + 1 : i2].reshape(1, -1)
+            W1[:, i + 1 :] -= err.reshape(-1, 1) * U1[i, i + 1 :].reshape(1, -1)
+            W1[:, i] = q
+            Err1[:, i] = err
+
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        if asymmetric:
+            W[:, i2:] += alpha * (Pre1 @ P[i1:i2, i2:])
+    return W.to(out_dtype)
+
+
+def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
+    """SparseGPT: OBS pruning with the symmetric target ‖W'X̂ − WX̂‖²."""
+    return duogpt_prune(W, H, None, None, sparsity, blocksize=blocksize, percdamp=percdamp)
+
+
+def _prune_smallest(score: torch.Tensor, W: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:
+    """Zero the entries of W with the smallest score: `sparsity` of each row, or of the whole matrix."""
+    if per_row:
+        n_prune = int(W.shape[1] * sparsity)
+        idx = torch.argsort(score, dim=1, stable=True)[:, :n_prune]
+        return W.clone().scatter_(1, idx, 0)
+    n_prune = int(W.numel() * sparsity)
+    flat = W.clone().reshape(-1)
+    flat[torch.argsort(score.reshape(-1), stable=True)[:n_prune]] = 0
+    return flat.reshape(W.shape)
+
+
+def wanda_prune(W: torch.Tensor, sq_norm: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Wanda: per output row, drop the entries with the smallest |W_ij|·‖X_j‖₂; no weight update."""
+    score = W.float().abs() * sq_norm.float().sqrt().reshape(1, -1).to(W.device)
+    return _prune_smallest(score, W, sparsity, per_row=True)
+
+
+def magnitude_prune(W: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Layer-wise magnitude pruning: drop the `sparsity` fraction of smallest |W_ij|."""
+    return _prune_smallest(W.float().abs(), W, sparsity, per_row=False)
+
+
+def reconstruction_error(W_new: torch.Tensor, W: torch.Tensor, stats: InputStats) -> float:
+    """Relative layer error ‖W'X̂ − WX̃‖² / ‖WX̃‖², exactly, from the accumulated statistics.
+
+    With X̃ = X̂ + ΔX and D = W' − W: ‖DX̂ − WΔX‖² = tr(D H Dᵀ) − 2 tr(D Gᵀ Wᵀ) + tr(W A Wᵀ),
+    and X̃X̃ᵀ = H + G + Gᵀ + A.
+    """
+    Wf = W.to(stats.H.dtype)
+    D = W_new.to(stats.H.dtype) - Wf
+    err = (D @ stats.H * D).sum()
+    denom = (Wf @ stats.H * Wf).sum()
+    if stats.G is not None:
+        wAw = (Wf @ stats.A * Wf).sum()
+        err = err - 2 * (D @ stats.G.T * Wf).sum() + wAw
+        denom = denom + 2 * (Wf @ stats.G * Wf).sum() + wAw
+    return float(err / denom.clamp_min(1e-30))

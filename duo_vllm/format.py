@@ -1,0 +1,206 @@
+"""The duo checkpoint format, owned here and used by both the calibrator and the vLLM plugin.
+
+A duo checkpoint is an ordinary Hugging Face LLaMA directory:
+  config.json             with ``quantization_config = {"quant_method": "duo", ...}`` (:class:`DuoConfig`)
+  *.safetensors           pruned weights as dense ``*.weight`` tensors holding zeros, under the usual names,
+                          plus one fp32 scalar ``<linear>.input_threshold`` per decoder linear layer
+  tokenizer files, generation_config.json
+  duo_report.json         what calibration achieved (per-layer sparsities, errors, timing, data fingerprint)
+
+Linears that share one input (q/k/v, gate/up) store equal thresholds, so vLLM's fused qkv_proj and
+gate_up_proj receive one value per shard. Activations are sparsified as ``x * (|x| > t)``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+QUANT_METHOD = "duo"
+FORMAT_VERSION = 1
+THRESHOLD_SUFFIX = "input_threshold"
+REPORT_FILE = "duo_report.json"
+
+# The seven decoder linears, grouped by the input they share, in order of dependence inside a block.
+LINEAR_GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "o": ("self_attn.o_proj",),
+    "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
+    "down": ("mlp.down_proj",),
+}
+LINEAR_NAMES: tuple[str, ...] = tuple(name for names in LINEAR_GROUPS.values() for name in names)
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+
+Method = Literal["duogpt", "sparsegpt", "wanda", "magnitude", "dense"]
+
+
+class DuoFormatError(ValueError):
+    """A duo checkpoint or its configuration is malformed; the message names the file/field/tensor."""
+
+
+class DuoConfig(BaseModel):
+    """The ``quantization_config`` block of a duo checkpoint's config.json."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    quant_method: Literal["duo"] = QUANT_METHOD
+    format_version: int = FORMAT_VERSION
+    method: Method = "duogpt"
+    weight_sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    act_sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    # calibration settings, recorded for reproducibility
+    dataset: str = "c4"
+    nsamples: int = Field(128, gt=0)
+    seqlen: int = Field(2048, gt=0)
+    seed: int = 0
+    blocksize: int = Field(128, gt=0)
+    percdamp: float = Field(0.01, ge=0.0)
+    alpha: float = 1.0
+    residual_weights: Literal["pre_prune", "pruned"] = "pre_prune"
+    mask_score: Literal["prune_loss", "marginal"] = "prune_loss"
+    input_stream: Literal["compressed", "dense"] = "compressed"
+
+    @field_validator("format_version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v != FORMAT_VERSION:
+            raise ValueError(f"format_version {v} is not supported (this duo-vllm reads {FORMAT_VERSION})")
+        return v
+
+
+def parse_config(raw: dict, source: str = "quantization_config") -> DuoConfig:
+    """Validate a quantization_config dict; errors name the offending field."""
+    try:
+        return DuoConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors())
+        raise DuoFormatError(f"{source}: invalid duo quantization_config: {problems}") from None
+
+
+def read_config(ckpt_dir: str | os.PathLike) -> DuoConfig:
+    """The DuoConfig of a checkpoint directory (config.json must say quant_method 'duo')."""
+    path = Path(ckpt_dir) / "config.json"
+    if not path.is_file():
+        raise DuoFormatError(f"{path}: not found (is {ckpt_dir} a checkpoint directory?)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DuoFormatError(f"{path}: not valid JSON ({e})") from None
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict) or str(qc.get("quant_method", "")).lower() != QUANT_METHOD:
+        found = qc.get("quant_method") if isinstance(qc, dict) else None
+        raise DuoFormatError(
+            f"{path}: quantization_config.quant_method is {found!r}, expected 'duo' "
+            "(write a duo checkpoint with `duo-calibrate`)"
+        )
+    return parse_config(qc, source=str(path))
+
+
+def is_duo_checkpoint(ckpt_dir: str | os.PathLike) -> bool:
+    try:
+        read_config(ckpt_dir)
+        return True
+    except DuoFormatError:
+        return False
+
+
+def threshold_name(layer_idx: int, linear: str) -> str:
+    """Checkpoint tensor name of the input threshold of one decoder linear (e.g. 'self_attn.q_proj')."""
+    return f"model.layers.{layer_idx}.{linear}.{THRESHOLD_SUFFIX}"
+
+
+_THRESHOLD_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\." + THRESHOLD_SUFFIX + "$")
+
+
+def parse_threshold_name(name: str) -> tuple[int, str] | None:
+    """(layer index, linear name) of a threshold tensor name, or None for any other tensor."""
+    m = _THRESHOLD_RE.match(name)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def threshold_tensor(value: float) -> torch.Tensor:
+    return torch.tensor(float(value), dtype=torch.float32)
+
+
+def load_thresholds(ckpt_dir: str | os.PathLike) -> dict[tuple[int, str], float]:
+    """All input thresholds of a checkpoint, keyed by (layer index, linear name); checked finite and >= 0."""
+    from safetensors import safe_open
+
+    out: dict[tuple[int, str], float] = {}
+    files = sorted(Path(ckpt_dir).glob("*.safetensors"))
+    if not files:
+        raise DuoFormatError(f"{ckpt_dir}: no *.safetensors files")
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():
+                key = parse_threshold_name(name)
+                if key is None:
+                    continue
+                value = float(sf.get_tensor(name).float().reshape(-1)[0])
+                if not math.isfinite(value) or value < 0:
+                    raise DuoFormatError(f"{f.name}: threshold {name} = {value} (must be finite and >= 0)")
+                out[key] = value
+    return out
+
+
+def check_thresholds(thresholds: dict[tuple[int, str], float], num_layers: int, source: str) -> None:
+    """Every decoder linear has a threshold, and linears sharing an input share it."""
+    for layer in range(num_layers):
+        for group, names in LINEAR_GROUPS.items():
+            missing = [n for n in names if (layer, n) not in thresholds]
+            if missing:
+                raise DuoFormatError(f"{source}: missing threshold {threshold_name(layer, missing[0])}")
+            values = {thresholds[(layer, n)] for n in names}
+            if len(values) != 1:
+                raise DuoFormatError(
+                    f"{source}: layer {layer} {group} linears share one input but have thresholds {sorted(values)}"
+                )
+
+
+@contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``out_dir``; on success it replaces ``out_dir`` in one rename.
+
+    On any error the temporary directory is removed and ``out_dir`` is left as it was.
+    """
+    out = Path(out_dir).resolve()
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists (pass --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_report(ckpt_dir: str | os.PathLike, report: dict) -> None:
+    Path(ckpt_dir, REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def read_report(ckpt_dir: str | os.PathLike) -> dict:
+    return json.loads(Path(ckpt_dir, REPORT_FILE).read_text())
+
+
+def apply_threshold(x: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
+    """The runtime activation sparsifier: keep entries with |x| > t, zero the rest."""
+    return torch.where(x.abs() > threshold, x, torch.zeros((), dtype=x.dtype, device=x.device))

@@ -1,0 +1,55 @@
+"""Offline reference of the dual-sparse model in plain transformers: what the served model must reproduce.
+
+The pruned weights load as ordinary dense tensors; each decoder linear gets a forward pre-hook that
+applies its input threshold, on every token (prefill and decode alike).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from duo_vllm.format import LINEAR_NAMES, apply_threshold, check_thresholds, load_thresholds, read_config
+
+
+def attach_thresholds(model: nn.Module, thresholds: dict[tuple[int, str], float]) -> list:
+    """Sparsify the input of each listed decoder linear of a LlamaForCausalLM; returns the hook handles."""
+    handles = []
+    layers = model.model.layers
+    for (layer_idx, linear), t in thresholds.items():
+        module = layers[layer_idx].get_submodule(linear)
+        t_tensor = torch.tensor(t, dtype=torch.float32)
+
+        def hook(_module, args, t_tensor=t_tensor):
+            x = args[0]
+            return (apply_threshold(x, t_tensor.to(x.dtype)),) + tuple(args[1:])
+
+        handles.append(module.register_forward_pre_hook(hook))
+    return handles
+
+
+def load_reference_model(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A duo checkpoint as a transformers LlamaForCausalLM with its activation thresholds applied."""
+    from transformers import LlamaForCausalLM
+
+    read_config(ckpt_dir)  # refuses anything that is not a duo checkpoint
+    model = LlamaForCausalLM.from_pretrained(str(ckpt_dir), dtype=dtype)
+    model.eval()
+    thresholds = load_thresholds(ckpt_dir)
+    check_thresholds(thresholds, model.config.num_hidden_layers, str(ckpt_dir))
+    attach_thresholds(model, {k: v for k, v in thresholds.items() if k[1] in LINEAR_NAMES})
+    return model
+
+
+@torch.no_grad()
+def greedy_generate(model: nn.Module, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy continuation without a KV cache: each step recomputes the full sequence, like the calibrated model saw it."""
+    ids = torch.tensor([prompt_ids])
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = model(ids, use_cache=False).logits[0, -1]
+        nxt = int(torch.argmax(logits))
+        out.append(nxt)
+        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return out
