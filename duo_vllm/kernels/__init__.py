@@ -1,0 +1,29 @@
+"""Dual-sparse linear kernels: the bitmap weight format, Triton kernels and the ``duo`` torch op.
+
+The vLLM plugin uses two names:
+  packed = pack_weight(weight)                       # process_weights_after_loading, after TP sharding
+  y = dual_sparse_linear(x, threshold, packed, bias)  # apply()
+Importing this package never imports triton; the Triton module is loaded on first CUDA use.
+"""
+from duo_vllm.kernels.dispatch import PATHS, choose_path, dual_sparse_linear, load_table
+from duo_vllm.kernels.packing import (
+    PackedWeight,
+    channel_bytes,
+    dense_bytes,
+    format_bytes,
+    pack_weight,
+    unpack_weight,
+)
+
+__all__ = [
+    "PATHS",
+    "PackedWeight",
+    "channel_bytes",
+    "choose_path",
+    "dense_bytes",
+    "dual_sparse_linear",
+    "format_bytes",
+    "load_table",
+    "pack_weight",
+    "unpack_weight",
+]

@@ -1,0 +1,143 @@
+"""``dual_sparse_linear``: the torch custom op ``torch.ops.duo.dual_sparse_linear`` and its path choice.
+
+Paths per call, chosen from (N, K, M) only, so the choice is fixed for a captured CUDA graph:
+  "dual"    bitmap kernel, channels dead for the whole batch skipped (decode, small M)
+  "wsparse" bitmap kernel reading every segment (weight sparsity only; also the prefill path when no
+            dense copy is kept: it is a "load sparse, compute dense" tensor-core GEMM over M blocks)
+  "dense"   F.linear on the thresholded x with the dense weight (cuBLAS; prefill of any length)
+On CPU, or without triton, the op is always plain torch (F.linear on the thresholded x).
+
+Crossovers come from a measured table (``benchmarks/kernel_bench.py --write-table``), JSON:
+  {"device": "...", "p_w": 0.5, "p_x": 0.5, "shapes": {"<N>x<K>": {"<M>": "<path>", ...}, ...}}
+an M uses the entry of the smallest measured M >= it; shapes or M beyond the table use the default.
+DEFAULT, UNTIL GPU MEASUREMENTS EXIST: "dual" for M <= 4, else "dense" (or "wsparse" with no dense
+copy). It is a guess on the conservative side (TEAL's activation benefit fades by B ~ 4), not a measurement.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from duo_vllm.kernels.packing import PackedWeight, unpack_weight
+
+PATHS = ("dual", "wsparse", "dense")
+DEFAULT_DUAL_MAX_M = 4
+# the table the benchmark writes and the lead commits; DUO_CROSSOVER_TABLE overrides the location
+TABLE_PATH = Path(os.environ.get("DUO_CROSSOVER_TABLE", Path(__file__).with_name("crossover.json")))
+
+
+@functools.cache
+def load_table(path: str | os.PathLike = TABLE_PATH) -> dict[tuple[int, int], list[tuple[int, str]]]:
+    """{(N, K): [(M, path), ...] sorted by M}; empty when the file does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    raw = json.loads(path.read_text())
+    table = {}
+    for shape, by_m in raw["shapes"].items():
+        n, k = (int(v) for v in shape.split("x"))
+        entries = sorted((int(m), p) for m, p in by_m.items())
+        bad = [p for _, p in entries if p not in PATHS]
+        if bad:
+            raise ValueError(f"{path}: shape {shape}: unknown path(s) {bad}, expected one of {PATHS}")
+        table[(n, k)] = entries
+    return table
+
+
+def choose_path(m: int, n: int, k: int, has_dense: bool = True,
+                table: dict[tuple[int, int], list[tuple[int, str]]] | None = None) -> str:
+    """Which path serves an [m, k] x [k, n] product (see module docstring)."""
+    table = load_table() if table is None else table
+    path = None
+    for m_max, p in table.get((n, k), ()):
+        if m <= m_max:
+            path = p
+            break
+    if path is None:
+        path = "dual" if m <= DEFAULT_DUAL_MAX_M else "dense"
+    if path == "dense" and not has_dense:
+        path = "wsparse"
+    return path
+
+
+def _thresholded(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    # duo_vllm.format.apply_threshold with the threshold rounded to x's dtype (what a 0-d fp32 tensor gets)
+    t = threshold.reshape(()).to(x.dtype)
+    return torch.where(x.abs() > t, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _dense_weight(values, masks, offsets, dense, n: int, k: int, block_n: int) -> torch.Tensor:
+    if dense is not None:
+        return dense
+    packed = PackedWeight(values, masks, offsets, masks.new_empty(0), None, n, k, block_n)
+    return unpack_weight(packed)
+
+
+def _torch_impl(x, threshold, values, masks, offsets, dense, bias, out_features: int, block_n: int):
+    w = _dense_weight(values, masks, offsets, dense, out_features, x.shape[1], block_n)
+    return F.linear(_thresholded(x, threshold), w, bias)
+
+
+@functools.cache
+def _triton_kernels():
+    """The triton module, or None where triton cannot be imported (e.g. vLLM's CPU build)."""
+    try:
+        from duo_vllm.kernels import triton_kernels
+    except Exception:  # ImportError, or a placeholder triton without triton.language
+        return None
+    return triton_kernels
+
+
+def _cuda_impl(x, threshold, values, masks, offsets, dense, bias, out_features: int, block_n: int):
+    k = x.shape[1]
+    path = choose_path(x.shape[0], out_features, k, dense is not None)
+    tk = _triton_kernels()
+    if path == "dense" or tk is None or x.shape[0] == 0:
+        return _torch_impl(x, threshold, values, masks, offsets, dense, bias, out_features, block_n)
+    packed = PackedWeight(values, masks, offsets, masks.new_empty(0), None, out_features, k, block_n)
+    return tk.bitmap_matmul(x, threshold, packed, bias, skip_channels=path == "dual")
+
+
+def _fake_impl(x, threshold, values, masks, offsets, dense, bias, out_features: int, block_n: int):
+    return x.new_empty(x.shape[0], out_features)
+
+
+# kept alive at module level: dropping the Library object would unregister the op
+_lib = torch.library.Library("duo", "FRAGMENT")
+_lib.define(
+    "dual_sparse_linear(Tensor x, Tensor threshold, Tensor values, Tensor masks, Tensor offsets, "
+    "Tensor? dense, Tensor? bias, int out_features, int block_n) -> Tensor"
+)
+_lib.impl("dual_sparse_linear", _cuda_impl, "CUDA")
+_lib.impl("dual_sparse_linear", _torch_impl, "CPU")
+torch.library.register_fake("duo::dual_sparse_linear", _fake_impl, lib=_lib)
+
+
+def dual_sparse_linear(x: torch.Tensor, threshold: torch.Tensor, packed: PackedWeight,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = apply_threshold(x, t) @ W^T + bias for x [..., K]; returns [..., N] in x's dtype.
+
+    threshold: one-element tensor (0-d or [1]; fp32 or x's dtype) on x's device; it is rounded to x's
+    dtype before the comparison |x| > t, exactly like ``duo_vllm.format.apply_threshold`` with a 0-d
+    fp32 tensor (torch compares a bf16 x with a 0-d fp32 t in bf16).
+    Exact for every token of a batch. No host sync and a launch shape fixed by the shapes: safe to
+    capture in a CUDA graph and opaque to torch.compile.
+    """
+    # shape/dtype/device checks only (no data access): the kernels read raw pointers
+    if x.shape[-1] != packed.in_features or x.dtype != packed.dtype:
+        raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not match the packed weight "
+                         f"[{packed.out_features}, {packed.in_features}] {packed.dtype}")
+    if threshold.numel() != 1 or threshold.device != x.device:
+        raise ValueError(f"threshold must be one value on {x.device}, "
+                         f"got {tuple(threshold.shape)} on {threshold.device}")
+    lead = x.shape[:-1]
+    y = torch.ops.duo.dual_sparse_linear(
+        x.reshape(-1, x.shape[-1]), threshold, packed.values, packed.masks, packed.offsets,
+        packed.dense, bias, packed.out_features, packed.block_n,
+    )
+    return y.reshape(*lead, packed.out_features)
