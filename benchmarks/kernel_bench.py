@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import os
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_io import write_json
 
 from duo_vllm.format import LINEAR_GROUPS, apply_threshold, load_thresholds
 from duo_vllm.kernels import channel_bytes, dense_bytes, format_bytes, pack_weight
@@ -234,8 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = checkpoint_report(args.ckpt, args.activations, batches)
         print_checkpoint(rows, batches)
         if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps({"ckpt": args.ckpt, "rows": rows}, indent=1) + "\n")
+            write_json(args.out, {"ckpt": args.ckpt, "rows": rows})
         return 0
 
     has_cuda = torch.cuda.is_available()
@@ -273,9 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if has_cuda else "cpu (Triton interpreter, no timing)"
     out = args.out or (None if args.cpu_check else "benchmarks/results/kernel_bench.json")
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps({"device": name, "dtype": args.dtype, "timed": timed, "rows": rows},
-                                        indent=1) + "\n")
+        write_json(out, {"device": name, "dtype": args.dtype, "timed": timed, "rows": rows})
         print(f"wrote {out}")
     if args.write_table:
         if not timed:
@@ -285,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             if not table["shapes"]:
                 print(f"--write-table: no rows at p_w:p_x = {args.table_sparsity}; not written", file=sys.stderr)
                 return 1
-            Path(args.write_table).write_text(json.dumps(table, indent=1) + "\n")
+            write_json(args.write_table, table)
             print(f"wrote {args.write_table}")
     return 1 if bad else 0
 

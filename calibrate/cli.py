@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--percdamp", type=float, default=d.percdamp, help="Hessian damping, fraction of mean(diag H)")
     g = p.add_argument_group("DuoGPT choices (algorithm note §3-4)")
     g.add_argument("--alpha", type=float, default=d.alpha, help="weight of the residual compensation (1 = exact)")
-    g.add_argument("--residual-weights", default=d.residual_weights, choices=["pre_prune", "pruned"],
-                   help="weights carrying the residual term: values before pruning (exact) or after")
+    g.add_argument("--residual-weights", default=d.residual_weights, choices=["pre_prune", "pruned", "original"],
+                   help="weights multiplying each column's residual: its value when visited (before pruning), "
+                   "after pruning, or the original weights (the exact projection)")
     g.add_argument("--mask-score", default=d.mask_score, choices=["prune_loss", "marginal"],
                    help="rank entries by the full loss of pruning S, or by S minus the loss when kept")
     g.add_argument("--input-stream", default=d.input_stream, choices=["compressed", "dense"],

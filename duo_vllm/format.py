@@ -66,7 +66,7 @@ class DuoConfig(BaseModel):
     blocksize: int = Field(128, gt=0)
     percdamp: float = Field(0.01, ge=0.0)
     alpha: float = 1.0
-    residual_weights: Literal["pre_prune", "pruned"] = "pre_prune"
+    residual_weights: Literal["pre_prune", "pruned", "original"] = "pre_prune"
     mask_score: Literal["prune_loss", "marginal"] = "prune_loss"
     input_stream: Literal["compressed", "dense"] = "compressed"
 
@@ -87,15 +87,23 @@ def parse_config(raw: dict, source: str = "quantization_config") -> DuoConfig:
         raise DuoFormatError(f"{source}: invalid duo quantization_config: {problems}") from None
 
 
+def read_hf_config(model_dir: str | os.PathLike) -> dict:
+    """config.json of a Hugging Face model directory, or a DuoFormatError saying what is missing."""
+    if not Path(model_dir).is_dir():
+        raise DuoFormatError(f"{model_dir}: not a directory")
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise DuoFormatError(f"{model_dir}: no config.json (expected a Hugging Face model directory)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DuoFormatError(f"{path}: not valid JSON ({e})") from None
+
+
 def read_config(ckpt_dir: str | os.PathLike) -> DuoConfig:
     """The DuoConfig of a checkpoint directory (config.json must say quant_method 'duo')."""
     path = Path(ckpt_dir) / "config.json"
-    if not path.is_file():
-        raise DuoFormatError(f"{path}: not found (is {ckpt_dir} a checkpoint directory?)")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DuoFormatError(f"{path}: not valid JSON ({e})") from None
+    config = read_hf_config(ckpt_dir)
     qc = config.get("quantization_config")
     if not isinstance(qc, dict) or str(qc.get("quant_method", "")).lower() != QUANT_METHOD:
         found = qc.get("quant_method") if isinstance(qc, dict) else None

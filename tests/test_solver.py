@@ -103,6 +103,8 @@ def test_objective_ordering_real_activations(real_layer):
         "unpruned": objective(W, W, x_sparse, x_dense),
     }
     assert results["duogpt"] < results["sparsegpt"] < min(results["wanda"], results["magnitude"]), results
+    exact = objective(solver.duogpt_prune(W, st.H, st.G, st.a, 0.5, residual_weights="original"), W, x_sparse, x_dense)
+    assert exact < results["duogpt"], (exact, results)
     # The residual term even beats leaving the weights unpruned on the same sparse input at p_w = 0.
     duo_dense = objective(solver.duogpt_prune(W, st.H, st.G, st.a, 0.0), W, x_sparse, x_dense)
     assert duo_dense < results["unpruned"], (duo_dense, results)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from duo_vllm.format import apply_threshold
 from duo_vllm.kernels.packing import PackedWeight, unpack_weight
 
 PATHS = ("dual", "wsparse", "dense")
@@ -66,9 +67,8 @@ def choose_path(m: int, n: int, k: int, has_dense: bool = True,
 
 
 def _thresholded(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    # duo_vllm.format.apply_threshold with the threshold rounded to x's dtype (what a 0-d fp32 tensor gets)
-    t = threshold.reshape(()).to(x.dtype)
-    return torch.where(x.abs() > t, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    # the threshold rounded to x's dtype, which is what a 0-d fp32 threshold gets by type promotion
+    return apply_threshold(x, threshold.reshape(()).to(x.dtype))
 
 
 def _dense_weight(values, masks, offsets, dense, n: int, k: int, block_n: int) -> torch.Tensor:

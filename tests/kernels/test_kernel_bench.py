@@ -17,6 +17,8 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_bench.py"
 
 
 def _bench_module():
+    if str(BENCH.parent) not in sys.path:  # as when run as a script: its folder is on the path
+        sys.path.insert(0, str(BENCH.parent))
     spec = importlib.util.spec_from_file_location("kernel_bench", BENCH)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -1,0 +1,100 @@
+"""duo-calibrate / duo-eval on bad input: one clear message, exit status 2, nothing written."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from calibrate import cli, eval_cli
+
+
+def run_cli(main, argv, capsys) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse usage errors
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def assert_nothing_written(out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], "temp dir left behind"
+
+
+def test_missing_model_dir(tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    code, err = run_cli(cli.main, ["--model", str(tmp_path / "nope"), "--out", str(out)], capsys)
+    assert code == 2 and "not a directory" in err and "nope" in err
+    assert_nothing_written(out)
+
+
+def test_invalid_model_dir(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    out = tmp_path / "ckpt"
+    code, err = run_cli(cli.main, ["--model", str(model), "--out", str(out)], capsys)
+    assert code == 2 and "no config.json" in err
+    (model / "config.json").write_text("{not json")
+    code, err = run_cli(cli.main, ["--model", str(model), "--out", str(out)], capsys)
+    assert code == 2 and "not valid JSON" in err and "config.json" in err
+    assert_nothing_written(out)
+
+
+def test_non_llama_architecture(tmp_path, capsys):
+    model = tmp_path / "gpt2"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    out = tmp_path / "ckpt"
+    code, err = run_cli(cli.main, ["--model", str(model), "--out", str(out)], capsys)
+    assert code == 2 and "GPT2LMHeadModel" in err and "supported: LlamaForCausalLM" in err
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("flag,value", [("--weight-sparsity", "1.0"), ("--act-sparsity", "-0.1"),
+                                        ("--weight-sparsity", "abc")])
+def test_sparsity_out_of_range(tmp_path, capsys, flag, value):
+    out = tmp_path / "ckpt"
+    code, err = run_cli(cli.main, ["--model", str(tmp_path), "--out", str(out), flag, value], capsys)
+    assert code == 2 and flag in err
+    assert_nothing_written(out)
+
+
+def test_empty_and_short_dataset(smollm2_dir, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n\n")
+    code, err = run_cli(cli.main, ["--model", str(smollm2_dir), "--out", str(out), "--dataset", f"file:{empty}"], capsys)
+    assert code == 2 and "no text" in err and str(empty) in err
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words of calibration text.")
+    code, err = run_cli(cli.main, ["--model", str(smollm2_dir), "--out", str(out), "--dataset", f"file:{short}",
+                                   "--seqlen", "2048"], capsys)
+    assert code == 2 and "too short for --seqlen 2048" in err
+    code, err = run_cli(cli.main, ["--model", str(smollm2_dir), "--out", str(out), "--dataset", "local:nope"], capsys)
+    assert code == 2 and "local:nope" in err and "local:c4" in err
+    assert_nothing_written(out)
+
+
+def test_existing_out_refused(smollm2_dir, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, err = run_cli(cli.main, ["--model", str(smollm2_dir), "--out", str(out)], capsys)
+    assert code == 2 and "already exists" in err and "--force" in err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_eval_bad_input(tmp_path, capsys):
+    code, err = run_cli(eval_cli.main, ["perplexity", str(tmp_path / "nope")], capsys)
+    assert code == 2 and "not a directory" in err
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    """The installed entry point: a one-line error on stderr, no Python traceback."""
+    proc = subprocess.run([sys.executable, "-m", "calibrate.cli", "--model", str(tmp_path / "nope"), "--out",
+                           str(tmp_path / "ckpt")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("duo-calibrate: error:") and "Traceback" not in proc.stderr

@@ -1,0 +1,90 @@
+"""duo-calibrate end to end on the real SmolLM2-135M-Instruct with a small calibration set."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from calibrate import data, evaluate, models
+from duo_vllm.format import LINEAR_NAMES, check_thresholds, load_thresholds, read_config, read_report
+
+pytestmark = pytest.mark.slow
+EVAL_SEQLEN = 512
+EVAL_TOKENS = 8192
+
+
+def weight_zero_fraction(ckpt) -> float:
+    zeros = total = 0
+    for f in ckpt.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():
+                if name.endswith(".weight") and any(f".{lin}." in name for lin in LINEAR_NAMES):
+                    w = sf.get_tensor(name)
+                    zeros += int((w == 0).sum())
+                    total += w.numel()
+    return zeros / total
+
+
+def test_checkpoint_format_and_sparsity(duo_checkpoint, smollm2_dir):
+    ckpt = duo_checkpoint("duogpt", 0.5, 0.5)
+    cfg = read_config(ckpt)
+    assert (cfg.method, cfg.weight_sparsity, cfg.act_sparsity) == ("duogpt", 0.5, 0.5)
+    raw = json.loads((ckpt / "config.json").read_text())
+    assert raw["quantization_config"]["quant_method"] == "duo"
+    assert raw["architectures"] == ["LlamaForCausalLM"]
+    for name in ("tokenizer.json", "generation_config.json", "duo_report.json"):
+        assert (ckpt / name).is_file(), name
+
+    report = read_report(ckpt)
+    assert report["summary"]["weight_sparsity"] == pytest.approx(0.5, abs=1e-6)
+    assert report["summary"]["act_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert len(report["layers"]) == 30 * len(LINEAR_NAMES)
+    assert all(0 <= r["rel_error"] < 1 for r in report["layers"])
+    assert report["calibration_data"]["shape"] == [8, 256] and len(report["calibration_data"]["fingerprint"]) == 16
+    assert weight_zero_fraction(ckpt) == pytest.approx(0.5, abs=1e-6)  # what the report says is in the file
+
+    thresholds = load_thresholds(ckpt)
+    check_thresholds(thresholds, 30, str(ckpt))
+    assert all(t > 0 for t in thresholds.values())
+
+
+def test_loads_in_plain_transformers(duo_checkpoint):
+    """The checkpoint is an ordinary LLaMA directory: transformers loads it without the plugin."""
+    from transformers import AutoModelForCausalLM
+
+    ckpt = duo_checkpoint("duogpt", 0.5, 0.5)
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
+    w = model.model.layers[7].mlp.down_proj.weight
+    assert float((w == 0).float().mean()) == pytest.approx(0.5, abs=1e-6)
+    with torch.no_grad():
+        out = model(torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(out).all()
+
+
+def test_thresholds_only_checkpoint_keeps_weights(duo_checkpoint, smollm2_dir):
+    ckpt = duo_checkpoint("dense", 0.0, 0.5)
+    dense = models.load_model(smollm2_dir)
+    tuned = models.load_model(ckpt)
+    for (name, a), b in zip(dense.named_parameters(), tuned.parameters()):
+        assert torch.equal(a, b), name
+    assert read_report(ckpt)["summary"]["act_sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.fixture(scope="module")
+def perplexities(duo_checkpoint, smollm2_dir):
+    tok = models.load_tokenizer(smollm2_dir)
+    windows = data.evaluation_windows(tok, "local:wiki", EVAL_SEQLEN, EVAL_TOKENS)
+    result = {"dense": evaluate.perplexity(models.load_model(smollm2_dir, torch.float32), windows, progress=False)}
+    for method in ("duogpt", "sparsegpt", "magnitude"):
+        model = evaluate.load_for_eval(duo_checkpoint(method, 0.5, 0.5))
+        result[method] = evaluate.perplexity(model, windows, progress=False)
+    print("held-out perplexity at W50+X50:", result)
+    return result
+
+
+def test_perplexity_ordering(perplexities):
+    p = perplexities
+    assert p["dense"] < p["duogpt"] < p["magnitude"], p
+    assert p["duogpt"] <= p["sparsegpt"], p
