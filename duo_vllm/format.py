@@ -59,13 +59,13 @@ class DuoConfig(BaseModel):
     weight_sparsity: float = Field(0.5, ge=0.0, lt=1.0)
     act_sparsity: float = Field(0.5, ge=0.0, lt=1.0)
     # calibration settings, recorded for reproducibility
-    dataset: str = "c4"
+    dataset: str = "local:c4"
     nsamples: int = Field(128, gt=0)
     seqlen: int = Field(2048, gt=0)
     seed: int = 0
     blocksize: int = Field(128, gt=0)
     percdamp: float = Field(0.01, ge=0.0)
-    alpha: float = 1.0
+    alpha: float = 0.25  # 1 is exact but overfits small calibration sets badly (see README)
     residual_weights: Literal["pre_prune", "pruned", "original"] = "pre_prune"
     mask_score: Literal["prune_loss", "marginal"] = "prune_loss"
     input_stream: Literal["compressed", "dense"] = "compressed"
