@@ -11,7 +11,7 @@ DEMO_SEQLEN ?= 512
 PORT ?= 8765
 PYTEST_ARGS ?=
 
-.PHONY: setup demo model calibrate eval serve chat test clean
+.PHONY: setup demo model calibrate eval test clean
 
 setup: $(VENV)/.installed
 
@@ -37,7 +37,7 @@ eval: calibrate
 	$(BIN)/duo-eval perplexity $(CKPT) --seqlen 512 --max-tokens 32768
 
 demo: eval
-	@echo "demo: calibrated and evaluated $(CKPT)"
+	$(BIN)/python -m serve.demo $(CKPT) --port $(PORT)
 
 test: setup model
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)

@@ -96,7 +96,7 @@ def _group_input(block: nn.Module, first: nn.Module, x: torch.Tensor, kwargs: di
 def prune_weight(W: torch.Tensor, stats: solver.InputStats, cfg: DuoConfig) -> torch.Tensor:
     """Apply the configured method to one linear's weight given its input statistics."""
     p = cfg.weight_sparsity
-    if cfg.method == "dense" or p == 0:
+    if cfg.method == "dense" or (p == 0 and cfg.method != "duogpt"):  # DuoGPT still compensates the residual
         return W
     if cfg.method == "magnitude":
         return solver.magnitude_prune(W, p)
