@@ -1,0 +1,210 @@
+"""The ``duo`` quantization method for vLLM: pruned weights times thresholded activations.
+
+Every decoder linear (fused qkv, o, fused gate_up, down) loads its dense-with-zeros weight and one
+fp32 ``input_threshold`` per checkpoint linear, and computes ``linear(x * (|x| > t), W)`` on every
+token. Embeddings and lm_head stay unquantized.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from typing import Any
+
+import torch
+from torch.nn import Parameter
+from vllm.distributed import get_tp_group
+from vllm.model_executor.layers.linear import (
+    LinearBase,
+    LinearMethodBase,
+    UnquantizedLinearMethod,
+    register_weight_loader_v2_supported_method,
+)
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod, VocabParallelEmbedding
+from vllm.model_executor.parameter import ModelWeightParameter, PerTensorScaleParameter
+from vllm.model_executor.utils import set_weight_attrs
+from vllm.platforms import current_platform
+
+from duo_vllm import ops
+from duo_vllm.format import (
+    LINEAR_NAMES,
+    QUANT_METHOD,
+    THRESHOLD_SUFFIX,
+    DuoConfig,
+    DuoFormatError,
+    parse_config,
+    threshold_name,
+)
+
+# Under "vllm." so vLLM's logging configuration shows our INFO lines.
+logger = logging.getLogger("vllm.duo")
+
+# Pruners round the number of zeros per row/block, and trained weights hold a few exact zeros.
+SPARSITY_TOLERANCE = 0.02
+
+_DECODER_LINEAR = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
+
+
+@register_quantization_config(QUANT_METHOD)
+class DuoQuantConfig(QuantizationConfig):
+    """The ``quantization_config`` of a duo checkpoint (validated by :func:`duo_vllm.format.parse_config`)."""
+
+    def __init__(self, config: DuoConfig | None = None) -> None:
+        super().__init__()
+        if config is None:
+            # vLLM only builds the config without arguments when config.json has no quantization_config.
+            raise DuoFormatError(
+                "--quantization duo: the checkpoint's config.json has no quantization_config with "
+                "quant_method 'duo', so it is not a duo checkpoint (write one with `duo-calibrate`)"
+            )
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"DuoQuantConfig({self.config!r})"
+
+    def get_name(self) -> str:
+        return QUANT_METHOD
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.float32, torch.float16, torch.bfloat16]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 70
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> DuoQuantConfig:
+        return cls(parse_config(config))
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if isinstance(layer, LinearBase):
+            linears = self.checkpoint_linears(prefix)
+            return DuoLinearMethod(self.config, linears) if linears else UnquantizedLinearMethod()
+        if isinstance(layer, VocabParallelEmbedding):
+            return UnquantizedEmbeddingMethod()
+        return None
+
+    def checkpoint_linears(self, prefix: str) -> list[tuple[int, str]] | None:
+        """(layer index, checkpoint linear) of each output shard of a vLLM linear, or None if not a decoder linear.
+
+        e.g. 'model.layers.3.self_attn.qkv_proj' -> [(3, 'self_attn.q_proj'), (3, 'self_attn.k_proj'), ...]
+        """
+        m = _DECODER_LINEAR.search(prefix)
+        if m is None:
+            return None
+        parent, _, leaf = m.group(2).rpartition(".")
+        names = [f"{parent}.{name}" if parent else name for name in self.packed_modules_mapping.get(leaf, [leaf])]
+        if not all(name in LINEAR_NAMES for name in names):
+            return None
+        return [(int(m.group(1)), name) for name in names]
+
+
+def _cuda_kernels():
+    """The Triton kernel package on CUDA, or None (then the torch op serves)."""
+    if not current_platform.is_cuda():
+        return None
+    try:
+        from duo_vllm import kernels
+
+        return kernels if hasattr(kernels, "pack_weight") and hasattr(kernels, "dual_sparse_linear") else None
+    except ImportError as e:
+        logger.warning("duo: Triton kernels unavailable (%s); using the torch path", e)
+        return None
+
+
+@register_weight_loader_v2_supported_method
+class DuoLinearMethod(LinearMethodBase):
+    """One decoder linear (possibly fused from several checkpoint linears that share an input)."""
+
+    def __init__(self, config: DuoConfig, linears: list[tuple[int, str]]) -> None:
+        self.config = config
+        self.linears = linears
+        self.output_partition_sizes: list[int] = []
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        if len(output_partition_sizes) != len(self.linears):
+            raise DuoFormatError(
+                f"{layer.prefix}: {len(output_partition_sizes)} output shards but checkpoint linears {self.linears}"
+            )
+        self.output_partition_sizes = list(output_partition_sizes)
+        weight_loader = extra_weight_attrs.pop("weight_loader")
+        weight = ModelWeightParameter(
+            data=torch.empty(sum(output_partition_sizes), input_size_per_partition, dtype=params_dtype),
+            input_dim=1,
+            output_dim=0,
+            weight_loader=weight_loader,
+        )
+        layer.register_parameter("weight", weight)
+        set_weight_attrs(weight, extra_weight_attrs)
+        # One scalar per checkpoint linear, replicated on every rank. vLLM leaves a parameter the
+        # checkpoint lacks untouched: NaN makes a missing threshold detectable after loading.
+        threshold = PerTensorScaleParameter(
+            data=torch.full((len(output_partition_sizes),), math.nan, dtype=torch.float32),
+            weight_loader=weight_loader,
+        )
+        layer.register_parameter(THRESHOLD_SUFFIX, threshold)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        thresholds = getattr(layer, THRESHOLD_SUFFIX).data.tolist()
+        self._check_thresholds(thresholds)
+        self._check_sparsity(layer)
+        # Runtime layout (after TP sharding): one 0-dim threshold in the activation dtype, like the reference.
+        layer.input_threshold = Parameter(
+            torch.tensor(thresholds[0], dtype=torch.float32).to(layer.weight.dtype).to(layer.weight.device),
+            requires_grad=False,
+        )
+        kernels = _cuda_kernels() if layer.weight.is_cuda else None
+        layer.duo_kernels = kernels
+        layer.duo_packed = kernels.pack_weight(layer.weight.data) if kernels else None
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if layer.duo_packed is not None:
+            return layer.duo_kernels.dual_sparse_linear(x, layer.input_threshold, layer.duo_packed, bias)
+        return ops.threshold_linear(x, layer.input_threshold, layer.weight, bias)
+
+    def _check_thresholds(self, thresholds: list[float]) -> None:
+        for (layer_idx, name), t in zip(self.linears, thresholds):
+            if math.isnan(t):
+                raise DuoFormatError(f"duo checkpoint: threshold {threshold_name(layer_idx, name)} is missing (or NaN)")
+            if not math.isfinite(t) or t < 0:
+                raise DuoFormatError(
+                    f"duo checkpoint: threshold {threshold_name(layer_idx, name)} = {t} (must be finite and >= 0)"
+                )
+        if len(set(thresholds)) != 1:
+            layer_idx = self.linears[0][0]
+            raise DuoFormatError(
+                f"duo checkpoint: layer {layer_idx} linears {[n for _, n in self.linears]} share one input "
+                f"but have thresholds {thresholds}"
+            )
+
+    def _check_sparsity(self, layer: torch.nn.Module) -> None:
+        # method 'dense' calibrates thresholds only: its weights are unpruned whatever weight_sparsity says
+        expected = 0.0 if self.config.method == "dense" else self.config.weight_sparsity
+        shards = layer.weight.data.split(self.output_partition_sizes)
+        counts = torch.tensor([[float((w == 0).sum()), float(w.numel())] for w in shards])  # fp32: shm all-reduce has no fp64
+        if getattr(layer, "tp_size", 1) > 1:
+            # masks need not spread evenly over TP shards (e.g. chosen per column block): count the whole
+            # weight. Every rank loads every layer in the same order, so this collective is safe here.
+            counts = get_tp_group().all_reduce(counts.to(layer.weight.device)).cpu()
+        for (layer_idx, name), (zeros, numel) in zip(self.linears, counts.tolist()):
+            found = zeros / numel
+            if abs(found - expected) > SPARSITY_TOLERANCE:
+                raise DuoFormatError(
+                    f"duo checkpoint: model.layers.{layer_idx}.{name}.weight is {found:.1%} zeros, "
+                    f"but quantization_config (method {self.config.method!r}) implies {expected:.1%}"
+                )
