@@ -38,12 +38,14 @@ def test_checkpoint_format_and_sparsity(duo_checkpoint, smollm2_dir):
         assert (ckpt / name).is_file(), name
 
     report = read_report(ckpt)
-    assert report["summary"]["weight_sparsity"] == pytest.approx(0.5, abs=1e-6)
+    # exact per block, plus the weights of input channels never active in calibration (zeroed)
+    assert 0.5 <= report["summary"]["weight_sparsity"] <= 0.5 + 1e-3
     assert report["summary"]["act_sparsity"] == pytest.approx(0.5, abs=0.01)
     assert len(report["layers"]) == 30 * len(LINEAR_NAMES)
     assert all(0 <= r["rel_error"] < 1 for r in report["layers"])
     assert report["calibration_data"]["shape"] == [8, 256] and len(report["calibration_data"]["fingerprint"]) == 16
-    assert weight_zero_fraction(ckpt) == pytest.approx(0.5, abs=1e-6)  # what the report says is in the file
+    # what the report says is in the file
+    assert weight_zero_fraction(ckpt) == pytest.approx(report["summary"]["weight_sparsity"], abs=1e-9)
 
     thresholds = load_thresholds(ckpt)
     check_thresholds(thresholds, 30, str(ckpt))
@@ -57,7 +59,7 @@ def test_loads_in_plain_transformers(duo_checkpoint):
     ckpt = duo_checkpoint("duogpt", 0.5, 0.5)
     model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
     w = model.model.layers[7].mlp.down_proj.weight
-    assert float((w == 0).float().mean()) == pytest.approx(0.5, abs=1e-6)
+    assert 0.5 <= float((w == 0).float().mean()) <= 0.501
     with torch.no_grad():
         out = model(torch.tensor([[1, 2, 3, 4]])).logits
     assert torch.isfinite(out).all()
