@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     cfg = DuoConfig(
-        method=args.method, weight_sparsity=args.weight_sparsity, act_sparsity=args.act_sparsity,
+        # 'dense' prunes nothing: record what the checkpoint holds, not the flag's default
+        method=args.method, weight_sparsity=0.0 if args.method == "dense" else args.weight_sparsity, act_sparsity=args.act_sparsity,
         dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         blocksize=args.blocksize, percdamp=args.percdamp, alpha=args.alpha,
         residual_weights=args.residual_weights, mask_score=args.mask_score, input_stream=args.input_stream,

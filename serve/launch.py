@@ -38,7 +38,9 @@ def check_checkpoint(ckpt: str | os.PathLike) -> DuoConfig:
     config = json.loads((path / "config.json").read_text())
     archs = config.get("architectures") or []
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        raise DuoFormatError(f"{path / 'config.json'}: architecture {archs} is not supported ({SUPPORTED_ARCHITECTURES})")
+        raise DuoFormatError(
+            f"{path / 'config.json'}: architecture {archs} is not supported ({', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
     num_layers = config.get("num_hidden_layers")
     if not isinstance(num_layers, int):
         raise DuoFormatError(f"{path / 'config.json'}: num_hidden_layers missing")
@@ -67,7 +69,7 @@ def cpu_defaults(args: list[str], env: dict[str, str]) -> list[str]:
     return extra
 
 
-def _is_cpu_build() -> bool:
+def is_cpu_build() -> bool:
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu()
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     extra = [] if _given(args, "--quantization", "-q") else ["--quantization", QUANT_METHOD]
-    if _is_cpu_build():
+    if is_cpu_build():
         extra += cpu_defaults(args, os.environ)
     return run_vllm(["serve", ckpt, *extra, *args])
 
