@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_io import cached_checkpoint, markdown_table
+from bench_io import cached_checkpoint, markdown_table, save_figure
 
 from calibrate.files import write_json_atomic, write_text_atomic
 from calibrate import data, evaluate, models, zeroshot
@@ -80,13 +80,8 @@ def plot(result: dict, path: Path) -> None:
     for ax in (ax_acc, ax_ppl):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"SmolLM2-135M-Instruct, calibration {result['calibration']['nsamples']}x"
-                 f"{result['calibration']['seqlen']} tokens, limit {result['zeroshot_limit']} docs/task", fontsize=9)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, f"SmolLM2-135M-Instruct, calibration {result['calibration']['nsamples']}x"
+                f"{result['calibration']['seqlen']} tokens, limit {result['zeroshot_limit']} docs/task")
 
 
 def tables(result: dict) -> str:

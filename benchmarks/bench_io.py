@@ -30,3 +30,15 @@ def markdown_table(rows: dict[str, dict[str, float]], columns: list[str], fmt: s
             cells.append(("**" + fmt + "**" if row[col] == top else fmt).format(row[col]))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def save_figure(fig, path: Path, title: str) -> None:
+    """Title, lay out and write a matplotlib figure as PNG (temporary file, then rename), then close it."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_io import cached_checkpoint
+from bench_io import cached_checkpoint, save_figure
 
 from calibrate.files import write_json_atomic, write_text_atomic
 from calibrate import models
@@ -91,13 +91,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{result['duo_checkpoint_name']} vs dense, {result['device']}, "
-                 f"in {result['input_len']} / out {result['output_len']} tokens", fontsize=9)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, f"{result['duo_checkpoint_name']} vs dense, {result['device']}, "
+                f"in {result['input_len']} / out {result['output_len']} tokens")
 
 
 def device_name() -> str:
