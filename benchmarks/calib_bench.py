@@ -18,24 +18,10 @@ import torch
 
 from calibrate.files import write_json_atomic
 from calibrate.api import default_device
-from calibrate.models import default_test_model_dir, load_model, load_tokenizer, prepare_test_model
+from calibrate.models import default_test_model_dir, llama2_7b_shaped, load_model, load_tokenizer, prepare_test_model
 from calibrate.data import calibration_windows
 from calibrate.sequential import calibrate_blocks
 from duo_vllm.format import DuoConfig
-
-
-def llama2_7b_shaped(num_layers: int) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=num_layers,
-                         num_attention_heads=32, num_key_value_heads=32, vocab_size=49152,
-                         max_position_embeddings=4096, torch_dtype="bfloat16")
-    torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.eval()
-    model.config.use_cache = False
-    return model
 
 
 def main() -> int:

