@@ -50,13 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     ]
     try:
         model = args.model or client.models.list().data[0].id
-        chat(client, model, messages, args.max_tokens, args.temperature)
+        answer = chat(client, model, messages, args.max_tokens, args.temperature)
     except openai.APIConnectionError:
         print(f"{PROG}: error: cannot reach {args.base_url} (is the server up?)", file=sys.stderr)
         return 1
     except openai.APIStatusError as e:
         print(f"{PROG}: error: server answered {e.status_code}: {e.message}", file=sys.stderr)
         return 1
+    if not answer.strip():
+        print(f"{PROG}: the model ended its turn without any text. Heavily sparsified small models do this "
+              "(SmolLM2-135M at W50+X50 often does); try a lower sparsity or --temperature 0.7.", file=sys.stderr)
     return 0
 
 
