@@ -36,7 +36,7 @@ PPL_DATASETS = ("local:wiki", "local:c4")
 
 def zeroshot_in_subprocess(model: Path, args: argparse.Namespace, backend: str = "vllm") -> dict:
     """`duo-eval zeroshot --json` in a fresh process (each vLLM engine gets its own process and exits)."""
-    result_file = Path(args.work) / f"zeroshot-{backend}.json"
+    result_file = Path(args.work) / f"zeroshot-{backend}-{model.name}.json"
     result_file.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "calibrate.eval_cli", "zeroshot", str(model), "--out", str(result_file),
            "--backend", backend, "--tasks", *args.tasks, "--task-dir", str(Path(args.work) / "lm_eval_tasks")]
