@@ -25,7 +25,7 @@ from bench_io import cached_checkpoint, save_figure
 from calibrate.files import write_json_atomic, write_text_atomic
 from calibrate import models
 from duo_vllm.format import DuoConfig, is_duo_checkpoint
-from serve.launch import is_cpu_build
+from serve.launch import CPU_KV_CACHE_GIB, is_cpu_build
 from serve.server import ServerProcess, console_script
 
 METRICS = {  # vllm bench serve result key -> column
@@ -39,6 +39,8 @@ METRICS = {  # vllm bench serve result key -> column
 def bench_one(model: str, server_argv: list[str], args: argparse.Namespace, label: str, result_dir: Path) -> dict:
     """Start one server, run `vllm bench serve` at each concurrency, stop it: {concurrency: result json}."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if is_cpu_build():  # duo-serve's default KV cache, for the dense server too (vLLM's own wants 92% of RAM)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
     runs = {}
     with ServerProcess(server_argv, log=result_dir / f"{label}-server.log", env=env) as server:
         server.wait_ready(args.timeout)
