@@ -94,7 +94,7 @@ def tables(result: dict) -> str:
     tasks = result["tasks"]
     per_task = ["| method | setting | " + " | ".join(tasks) + " | mean |", "|" + "---|" * (len(tasks) + 3)]
     for method, cells in [(DENSE, {"W0+X0": result["dense"]})] + list(result["cells"].items()):
-        for lv, c in cells.items():
+        for lv, c in sorted(cells.items(), key=lambda kv: list(LEVELS).index(kv[0])):
             per_task.append(f"| {method} | {lv} | " + " | ".join(
                 f"{100 * c['zeroshot'][t]['acc']:.1f}" for t in tasks) + f" | {100 * c['mean_acc']:.1f} |")
     return "\n\n".join([
