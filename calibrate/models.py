@@ -94,10 +94,12 @@ def llama2_7b_shaped(num_layers: int = 32, dtype: torch.dtype = torch.bfloat16, 
 def write_llama2_7b_shaped(out_dir: str | os.PathLike, num_layers: int = 32) -> Path:
     """Save the random LLaMA-2-7B-shaped model (bf16) with the test model's tokenizer, for serving benchmarks."""
     out = Path(out_dir)
+    if out.exists():  # never replace a directory the user may care about
+        raise ModelError(f"--out {out} already exists (remove it first)")
     tokenizer = load_tokenizer(prepare_test_model())
     model = llama2_7b_shaped(num_layers)
     model.config.use_cache = True
-    with atomic_output_dir(out, force=True) as tmp:
+    with atomic_output_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return out

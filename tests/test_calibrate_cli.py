@@ -103,3 +103,11 @@ def test_console_script_prints_no_traceback(tmp_path):
 def test_shaped_model_needs_out(capsys):
     code, err = run_cli(cli.main, ["prepare-model", "--shape", "llama2-7b"], capsys)
     assert code == 2 and "--shape llama2-7b needs --out DIR" in err
+
+
+def test_shaped_model_never_replaces_a_directory(tmp_path, capsys):
+    keep = tmp_path / "keep.txt"
+    keep.write_text("mine")
+    code, err = run_cli(cli.main, ["prepare-model", "--shape", "llama2-7b", "--layers", "1", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "already exists" in err and str(tmp_path) in err
+    assert keep.read_text() == "mine"
