@@ -3,21 +3,24 @@
 The vLLM plugin uses two names:
   packed = pack_weight(weight)                       # process_weights_after_loading, after TP sharding
   y = dual_sparse_linear(x, threshold, packed, bias)  # apply()
+  ok, why = can_serve(weight.shape, weight.dtype, weight.device)  # before packing: can Triton serve it?
 Importing this package never imports triton; the Triton module is loaded on first CUDA use.
 """
-from duo_vllm.kernels.dispatch import PATHS, choose_path, dual_sparse_linear, load_table
+from duo_vllm.kernels.dispatch import PATHS, can_serve, choose_path, dual_sparse_linear, load_table
 from duo_vllm.kernels.packing import (
     PackedWeight,
     channel_bytes,
     dense_bytes,
     format_bytes,
     pack_weight,
+    resident_bytes,
     unpack_weight,
 )
 
 __all__ = [
     "PATHS",
     "PackedWeight",
+    "can_serve",
     "channel_bytes",
     "choose_path",
     "dense_bytes",
@@ -25,5 +28,6 @@ __all__ = [
     "format_bytes",
     "load_table",
     "pack_weight",
+    "resident_bytes",
     "unpack_weight",
 ]

@@ -1,17 +1,21 @@
 """``dual_sparse_linear``: the torch custom op ``torch.ops.duo.dual_sparse_linear`` and its path choice.
 
 Paths per call, chosen from (N, K, M) only, so the choice is fixed for a captured CUDA graph:
-  "dual"    bitmap kernel, channels dead for the whole batch skipped (decode, small M)
-  "wsparse" bitmap kernel reading every segment (weight sparsity only; also the prefill path when no
-            dense copy is kept: it is a "load sparse, compute dense" tensor-core GEMM over M blocks)
-  "dense"   F.linear on the thresholded x with the dense weight (cuBLAS; prefill of any length)
-On CPU, or without triton, the op is always plain torch (F.linear on the thresholded x).
+  "dual"    decode kernel (M <= 16), channels dead for the whole batch skipped
+  "wsparse" bitmap kernels reading every segment (weight sparsity only); for M > 16 the "load
+            sparse, compute dense" tl.dot kernel, the prefill path when no dense copy is kept
+  "dense"   F.linear on the thresholded x with the dense weight (cuBLAS), only if ``keep_dense``
+On CUDA the op needs triton: without it, it raises (``can_serve`` says so beforehand); it never
+falls back to torch silently. The CPU registration is plain torch (F.linear on the thresholded x,
+the weight unpacked from the bitmap): it serves opcheck / torch.compile tests on CPU machines and
+any CPU caller; the project's CPU serving kernel is a separate seam.
 
 Crossovers come from a measured table (``benchmarks/kernel_bench.py --write-table``), JSON:
   {"device": "...", "p_w": 0.5, "p_x": 0.5, "shapes": {"<N>x<K>": {"<M>": "<path>", ...}, ...}}
 an M uses the entry of the smallest measured M >= it; shapes or M beyond the table use the default.
-DEFAULT, UNTIL GPU MEASUREMENTS EXIST: "dual" for M <= 4, else "dense" (or "wsparse" with no dense
-copy). It is a guess on the conservative side (TEAL's activation benefit fades by B ~ 4), not a measurement.
+DEFAULT, UNTIL GPU MEASUREMENTS EXIST: "dual" for M <= 16, else "dense" (or "wsparse" without a dense
+copy, the default). It comes from the static sm_90 model (benchmarks/kernel_static.py), not a
+measurement; at M = 16 that model has the decode kernel issue-bound, near dense speed.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from duo_vllm.format import apply_threshold
 from duo_vllm.kernels.packing import PackedWeight, unpack_weight
 
 PATHS = ("dual", "wsparse", "dense")
-DEFAULT_DUAL_MAX_M = 4
+DEFAULT_DUAL_MAX_M = 16
 # the table the benchmark writes and the lead commits; DUO_CROSSOVER_TABLE overrides the location
 TABLE_PATH = Path(os.environ.get("DUO_CROSSOVER_TABLE", Path(__file__).with_name("crossover.json")))
 
@@ -71,15 +75,14 @@ def _thresholded(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     return apply_threshold(x, threshold.reshape(()).to(x.dtype))
 
 
-def _dense_weight(values, masks, offsets, dense, n: int, k: int, block_n: int) -> torch.Tensor:
-    if dense is not None:
-        return dense
-    packed = PackedWeight(values, masks, offsets, masks.new_empty(0), None, n, k, block_n)
-    return unpack_weight(packed)
+def _packed(values, masks, offsets, tickets, n: int, k: int, block_n: int) -> PackedWeight:
+    return PackedWeight(values=values, masks=masks, offsets=offsets, col_nnz=masks.new_empty(0), dense=None,
+                        tickets=tickets, out_features=n, in_features=k, block_n=block_n)
 
 
-def _torch_impl(x, threshold, values, masks, offsets, dense, bias, out_features: int, block_n: int):
-    w = _dense_weight(values, masks, offsets, dense, out_features, x.shape[1], block_n)
+def _torch_impl(x, threshold, values, masks, offsets, tickets, dense, bias, out_features: int, block_n: int):
+    w = dense if dense is not None else unpack_weight(_packed(values, masks, offsets, tickets, out_features,
+                                                              x.shape[1], block_n))
     return F.linear(_thresholded(x, threshold), w, bias)
 
 
@@ -93,25 +96,32 @@ def _triton_kernels():
     return triton_kernels
 
 
-def _cuda_impl(x, threshold, values, masks, offsets, dense, bias, out_features: int, block_n: int):
+def _cuda_impl(x, threshold, values, masks, offsets, tickets, dense, bias, out_features: int, block_n: int):
     k = x.shape[1]
     path = choose_path(x.shape[0], out_features, k, dense is not None)
+    if x.shape[0] == 0:
+        return x.new_empty(0, out_features)
+    if path == "dense":
+        return F.linear(_thresholded(x, threshold), dense, bias)
     tk = _triton_kernels()
-    if path == "dense" or tk is None or x.shape[0] == 0:
-        return _torch_impl(x, threshold, values, masks, offsets, dense, bias, out_features, block_n)
-    packed = PackedWeight(values, masks, offsets, masks.new_empty(0), None, out_features, k, block_n)
+    if tk is None:
+        raise RuntimeError("duo: the dual-sparse CUDA kernels need triton, which cannot be imported here "
+                           "(check duo_vllm.kernels.can_serve before packing a layer)")
+    packed = _packed(values, masks, offsets, tickets, out_features, k, block_n)
     return tk.bitmap_matmul(x, threshold, packed, bias, skip_channels=path == "dual")
 
 
-def _fake_impl(x, threshold, values, masks, offsets, dense, bias, out_features: int, block_n: int):
+def _fake_impl(x, threshold, values, masks, offsets, tickets, dense, bias, out_features: int, block_n: int):
     return x.new_empty(x.shape[0], out_features)
 
 
 # kept alive at module level: dropping the Library object would unregister the op
 _lib = torch.library.Library("duo", "FRAGMENT")
 _lib.define(
+    # tickets: per-tile split-K counters the decode kernel increments and resets to 0 before it exits, so
+    # they hold the same value between launches (not declared as mutated: nothing observes a change)
     "dual_sparse_linear(Tensor x, Tensor threshold, Tensor values, Tensor masks, Tensor offsets, "
-    "Tensor? dense, Tensor? bias, int out_features, int block_n) -> Tensor"
+    "Tensor tickets, Tensor? dense, Tensor? bias, int out_features, int block_n) -> Tensor"
 )
 _lib.impl("dual_sparse_linear", _cuda_impl, "CUDA")
 _lib.impl("dual_sparse_linear", _torch_impl, "CPU")
@@ -137,7 +147,31 @@ def dual_sparse_linear(x: torch.Tensor, threshold: torch.Tensor, packed: PackedW
                          f"got {tuple(threshold.shape)} on {threshold.device}")
     lead = x.shape[:-1]
     y = torch.ops.duo.dual_sparse_linear(
-        x.reshape(-1, x.shape[-1]), threshold, packed.values, packed.masks, packed.offsets,
+        x.reshape(-1, x.shape[-1]), threshold, packed.values, packed.masks, packed.offsets, packed.tickets,
         packed.dense, bias, packed.out_features, packed.block_n,
     )
     return y.reshape(*lead, packed.out_features)
+
+
+def can_serve(weight_shape, dtype: torch.dtype, device) -> tuple[bool, str]:
+    """Whether the Triton kernels can serve a linear of ``weight_shape`` [N, K] (after TP sharding) in
+    ``dtype`` on ``device``, and if not, why (one sentence). Never imports the kernels themselves."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False, f"the Triton kernels run on CUDA only, not {device.type}"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False, f"the Triton kernels serve bfloat16 and float16 only, not {dtype}"
+    if len(weight_shape) != 2 or min(weight_shape) < 1:
+        return False, f"weight must be [N, K] with N, K >= 1, got {tuple(weight_shape)}"
+    n, k = (int(v) for v in weight_shape)
+    if n * k >= 2**31:
+        return False, f"[{n}, {k}] has too many elements for the int32 offsets of the bitmap format"
+    try:
+        import triton
+        import triton.language  # noqa: F401  (a placeholder triton lacks it)
+    except Exception as e:  # ImportError, or a broken install
+        return False, f"triton cannot be imported ({type(e).__name__}: {e})"
+    major = getattr(triton, "__version__", "0").split(".")[0]
+    if not major.isdigit() or int(major) < 3:
+        return False, f"triton {getattr(triton, '__version__', '?')} is too old (needs >= 3)"
+    return True, ""

@@ -4,16 +4,23 @@ A weight W [N, K] (N outputs, K inputs) is cut into T = ceil(N / block_n) tiles 
 For every segment (tile t, input channel k) the format stores
   masks[t, k]   block_n bits (block_n / 32 int32 words): bit b of word w <=> W[t*block_n + 32*w + b, k] != 0
   offsets[t, k] int32 index into ``values`` where the segment's nonzeros start
-  values[...]   the nonzeros of the segment, in output order, contiguous
+  values[...]   the nonzeros of the segment, in output order, contiguous; after the last segment one
+                zero of padding (the decode kernel's unmasked gathers may read one element past a segment)
 Segments are laid out tile-major (t, then k), so the channels one program walks for one tile form a
 single contiguous stream; a zero activation skips its whole segment (mask, offset and values) and
 pruned weights are never stored or read.
 
-Bytes per dense element: (1 - p_w) for values + 1/16 for the mask + 2/block_n for the offset (bf16),
-i.e. 0.578 of dense at p_w = 0.5, block_n = 128. Choices, by bytes read per segment:
+Bytes per dense element, relative to dense bf16/fp16 (2 B): (1 - p_w) for values + 1/16 for the mask +
+2/block_n for the offset, i.e. 0.578 of dense at p_w = 0.5, block_n = 128 (1.156 B per dense element);
+plus one int32 ticket per output tile (the decode kernel's split-K completion counter). That is the
+whole resident weight: ``pack_weight`` keeps no dense copy unless asked (``keep_dense``).
+Choices, by bytes read per segment:
 - one offset per segment rather than one per block of channels: with shared offsets a segment's start
   is a prefix sum over the masks of all channels before it, so dead channels' masks (block_n / 8 = 16 B)
   would be read too; at s_a = 0.5 that is 8 B more per segment to save 2 B of offsets.
+- no stored per-word prefix counts: the decode kernel's threads hold all block_n / 32 words of a
+  segment and count them with popcount (cheaper than loading and unpacking stored counts, and 4 B per
+  segment less: the stored variant would be 0.594 of dense at p_w = 0.5 instead of 0.578).
 - no padding of segments to 32-byte sectors: it would add about 16 B per segment (6% of dense at
   block_n = 128) to every read, while the tile-major order already makes a run of live channels one
   contiguous read.
@@ -31,11 +38,12 @@ DEFAULT_BLOCK_N = 128
 class PackedWeight:
     """A weight in the bitmap format (see module docstring), plus what dispatch needs beside it.
 
-    values:   [nnz] weight dtype, nonzeros in (tile, channel, output) order
+    values:   [nnz + 1] weight dtype, nonzeros in (tile, channel, output) order, then one zero
     masks:    [T, K, block_n // 32] int32 bitmaps
     offsets:  [T, K] int32 start of each segment in ``values``
     col_nnz:  [K] int32 nonzeros per input channel (byte accounting only; never read by kernels)
-    dense:    [N, K] the original weight (the dense GEMM path for large batches and the CPU path), or None
+    dense:    [N, K] the original weight, or None (the default: see ``pack_weight``)
+    tickets:  [T] int32, zero between launches: the decode kernel's per-tile split-K counters
     out_features, in_features, block_n: N, K and the tile width
     """
 
@@ -44,6 +52,7 @@ class PackedWeight:
     offsets: torch.Tensor
     col_nnz: torch.Tensor
     dense: torch.Tensor | None
+    tickets: torch.Tensor
     out_features: int
     in_features: int
     block_n: int
@@ -57,11 +66,18 @@ class PackedWeight:
         return self.masks.shape[0]
 
 
-def pack_weight(weight: torch.Tensor, block_n: int = DEFAULT_BLOCK_N, keep_dense: bool = True) -> PackedWeight:
+def pack_weight(weight: torch.Tensor, block_n: int = DEFAULT_BLOCK_N, keep_dense: bool = False) -> PackedWeight:
     """Build the bitmap format from a dense-with-zeros weight [N, K], on the weight's device.
 
-    Call once at load time, after tensor-parallel sharding. ``keep_dense`` keeps a reference to
-    ``weight`` for the dense GEMM path (no copy is made).
+    Call once at load time, after tensor-parallel sharding (not inside CUDA-graph capture: it
+    allocates the zeroed tickets).
+
+    ``keep_dense`` is a memory-vs-speed choice, off by default: True keeps a reference to ``weight``
+    (no copy) so large batches (prefill) run cuBLAS on it, which holds 0.578 + 1 = 1.58x the dense
+    weight bytes at p_w = 0.5 (vLLM takes that from the KV cache). False (default) keeps only the
+    bitmap (0.578x) and large batches run the "load sparse, compute dense" tl.dot kernel on it; the
+    caller may then free ``weight``. Switch the default only after a GPU measurement shows that
+    sparse prefill path slower than 1.2x dense.
     """
     if weight.dim() != 2:
         raise ValueError(f"weight must be [N, K], got shape {tuple(weight.shape)}")
@@ -86,11 +102,12 @@ def pack_weight(weight: torch.Tensor, block_n: int = DEFAULT_BLOCK_N, keep_dense
         raise ValueError(f"{total} nonzeros do not fit int32 offsets")
     offsets = (torch.cumsum(counts, 0) - counts).to(torch.int32).view(tiles, k)
     return PackedWeight(
-        values=wt[nz].contiguous(),
+        values=torch.cat([wt[nz], wt.new_zeros(1)]),
         masks=masks.contiguous(),
         offsets=offsets,
         col_nnz=nz.sum((0, 2), dtype=torch.int32),
         dense=weight if keep_dense else None,
+        tickets=torch.zeros(tiles, dtype=torch.int32, device=weight.device),
         out_features=n,
         in_features=k,
         block_n=block_n,
@@ -104,7 +121,7 @@ def unpack_weight(packed: PackedWeight) -> torch.Tensor:
     bits = (packed.masks.view(torch.uint8).view(tiles, k, bn // 8, 1) >> shifts) & 1
     nz = bits.view(tiles, k, bn).bool()
     wt = torch.zeros(tiles, k, bn, dtype=packed.dtype, device=packed.values.device)
-    wt[nz] = packed.values
+    wt[nz] = packed.values[:-1]
     return wt.transpose(0, 1).reshape(k, tiles * bn)[:, : packed.out_features].t().contiguous()
 
 
@@ -133,3 +150,11 @@ def format_bytes(packed: PackedWeight, active: torch.Tensor | None = None) -> in
 def dense_bytes(packed: PackedWeight) -> int:
     """Bytes of the same weight stored dense."""
     return packed.out_features * packed.in_features * packed.values.element_size()
+
+
+def resident_bytes(packed: PackedWeight) -> int:
+    """Bytes the packed layer keeps on the device: values, masks, offsets, tickets, and the dense copy if kept."""
+    tensors = [packed.values, packed.masks, packed.offsets, packed.tickets]
+    if packed.dense is not None:
+        tensors.append(packed.dense)
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -2,15 +2,32 @@
 
 Imported lazily (only on CUDA, in tests and in the benchmark): importing it needs a working triton.
 
-Both kernels use one launch shape fixed by (M, N, K) alone, so CUDA graphs can capture them: grid =
-(output tiles x M blocks, K splits). Each program walks its K range BLOCK_K channels at a time:
-  1. loads x[M block, k block], thresholds it (|x| > t, t rounded to x's dtype like torch does for a
-     0-d fp32 threshold) and finds the channels live for at least one token of the block;
-  2. reads only those channels' segments (masked loads: a masked-off lane issues no memory request);
-  3. accumulates x_t @ w in fp32.
-With more than one K split, partials go to an fp32 workspace [splits, M, N] that a second kernel sums
-in a fixed order (deterministic, no atomics, every element written, so nothing needs zeroing);
-with a single split the first kernel writes the output itself.
+Every launch shape is fixed by (M, N, K) alone, so CUDA graphs can capture them.
+
+Decode, M <= 16 (``_decode_kernel``; the dual-sparse path vLLM runs every decode step). Grid = (output
+tiles, K splits), one M block. Each program:
+  1. compacts the live channels of its K split once: loads x[:, split] in SCAN-channel chunks,
+     thresholds it (|x| > t, t rounded to x's dtype like torch does for a 0-d fp32 threshold), keeps a
+     channel if any token needs it (the union) and writes the channel list and the thresholded x (fp32,
+     per token: exact for every token) to a per-split scratch, padded to a whole CHUNK with the first
+     live channel at x = 0 so the hot loop needs no masks. Every tile of a split writes the same values
+     (a benign, identical-value race), so no pre-pass launch is needed;
+  2. loops over the live channels only, CHUNK at a time: tensors are [words, channels, bits] with the
+     32 lanes on the bits of a mask word and the warps on channels, so each thread holds the NW words
+     of its segment and computes the per-word prefix counts itself (popcount, no communication); the
+     word is one uniform-address load per warp; the value of output b is the predicated 2-byte
+     gather vals[offset + prefix + popc(word & (2^b - 1))], which the coalescer turns into the same
+     full-sector requests a contiguous vector load would issue (placing vector-loaded values in
+     output order would cost a shuffle per value);
+  3. with one split, stores the output; with more, stores its fp32 partial [M, BLOCK_N] into the
+     workspace [splits, M, N], takes a ticket (atomic, acq_rel, per output tile) and, if it is the
+     last split of the tile, sums the splits in index order (deterministic, no second launch), adds
+     the bias, stores the output and resets the ticket to 0 for the next launch.
+K splits are sized from occupancy (registers x threads per SM) so one wave fills the GPU.
+
+Prefill / M > 16 (``_bitmap_kernel``): "load sparse, compute dense": BLOCK_K channels per iteration are
+expanded from the bitmap into a dense tile in registers and multiplied with tl.dot (tensor cores), so
+no dense copy of W is needed. ``_act_sparse_kernel`` is the TEAL-style baseline on a dense W^T.
 """
 from __future__ import annotations
 
@@ -19,6 +36,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from duo_vllm.kernels.packing import PackedWeight
 
@@ -137,6 +155,107 @@ def _bitmap_kernel(x_ptr, t_ptr, vals_ptr, masks_ptr, offs_ptr, bias_ptr, out_pt
 
 
 @triton.jit
+def _popc(v, INTERP: tl.constexpr):
+    """Population count of int32 words (libdevice on the GPU; SWAR under the interpreter, which lacks it)."""
+    if INTERP:
+        u = v.to(tl.uint32, bitcast=True)
+        u = u - ((u >> 1) & 0x55555555)
+        u = (u & 0x33333333) + ((u >> 2) & 0x33333333)
+        u = (u + (u >> 4)) & 0x0F0F0F0F
+        return ((u * 0x01010101) >> 24).to(tl.int32)
+    else:
+        return libdevice.popc(v)
+
+
+@triton.jit
+def _decode_kernel(x_ptr, t_ptr, vals_ptr, masks_ptr, offs_ptr, bias_ptr, out_ptr, ws_ptr, list_ptr, xs_ptr,
+                   ticket_ptr, M, N, K, stride_xm, stride_xk, k_per_split, splits,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SCAN: tl.constexpr,
+                   SKIP_CHANNELS: tl.constexpr, DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   INTERP: tl.constexpr):
+    NW: tl.constexpr = BLOCK_N // 32
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    t = _threshold_value(t_ptr, x_ptr.dtype.element_ty)
+    k_begin = pid_s * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    region = pid_s * (k_per_split + CHUNK)   # this split's scratch (shared by all its tiles), CHUNK of padding
+    lst = list_ptr + region                  # live channels
+    xs = xs_ptr + region * BLOCK_M           # their thresholded x, fp32 [live, BLOCK_M]
+    # 1. compact the live channels of [k_begin, k_end) once (every tile of the split writes the same list)
+    n_live = 0
+    first = K
+    for c0 in range(k_begin, k_end, SCAN):
+        rk = c0 + tl.arange(0, SCAN)
+        in_k = rk < k_end
+        xv = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                     mask=(rm < M)[:, None] & in_k[None, :], other=0.0).to(tl.float32)
+        keep = tl.abs(xv) > t
+        xv = tl.where(keep, xv, 0.0)
+        if SKIP_CHANNELS:
+            live = (tl.max(keep.to(tl.int32), axis=0) > 0) & in_k
+        else:
+            live = in_k
+        li = live.to(tl.int32)
+        pos = n_live + tl.cumsum(li, axis=0) - li
+        tl.store(lst + pos, rk, mask=live)
+        tl.store(xs + pos[None, :] * BLOCK_M + rm[:, None], xv, mask=live[None, :])
+        n_live += tl.sum(li, axis=0)
+        first = tl.minimum(first, tl.min(tl.where(live, rk, K), axis=0))
+    # pad the list to a whole CHUNK with the first live channel and x = 0: the hot loop needs no masks
+    rc = tl.arange(0, CHUNK)
+    tl.store(lst + n_live + rc, tl.zeros((CHUNK,), dtype=tl.int32) + first)
+    tl.store(xs + (n_live + rc[None, :]) * BLOCK_M + rm[:, None], tl.zeros((BLOCK_M, CHUNK), dtype=tl.float32))
+    tl.debug_barrier()
+    # 2. walk only the live channels, CHUNK at a time
+    rj = tl.arange(0, NW)
+    rb = tl.arange(0, 32)
+    bitv = 1 << rb
+    below = bitv - 1                        # bits of the outputs before this lane's in a word
+    # tensors are [NW, CHUNK, 32] (word, channel, bit): lanes on bits, warps on channels, the words of a
+    # segment in one thread, so the per-word prefix counts need no communication
+    acc = tl.zeros((BLOCK_M, NW, CHUNK, 32), dtype=tl.float32)
+    for i0 in range(0, n_live, CHUNK):
+        ic = i0 + rc
+        kk = tl.load(lst + ic)
+        xc = tl.load(xs + ic[None, :] * BLOCK_M + rm[:, None])  # [BLOCK_M, CHUNK]
+        seg = pid_n * K + kk
+        start = tl.load(offs_ptr + seg)
+        seg3 = seg[None, :, None]
+        # every lane loads the words of its segments (one request per warp: all lanes read the same address)
+        w3 = tl.load(masks_ptr + seg3 * NW + rj[:, None, None])  # [NW, CHUNK, 1]
+        cnt = _popc(w3, INTERP)
+        base = start[None, :, None] + tl.cumsum(cnt, axis=0) - cnt        # first value of each word
+        rank = base + _popc(w3 & below[None, None, :], INTERP)
+        hit = (w3 & bitv[None, None, :]) != 0
+        # unmasked: a lane whose bit is clear reads the next stored value (values has one padding element
+        # at the end), and its FMA is predicated off; a masked load would cost a register clear per element
+        v = tl.load(vals_ptr + rank.to(tl.uint32)).to(tl.float32)  # [NW, CHUNK, 32]
+        acc = tl.where(hit[None, :, :, :], acc + xc[:, None, :, None] * v[None, :, :, :], acc)
+    part = tl.reshape(tl.sum(acc, axis=2), (BLOCK_M, BLOCK_N))
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok_out = (rm < M)[:, None] & (rn < N)[None, :]
+    if DIRECT:
+        if HAS_BIAS:
+            part += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rm[:, None] * N + rn[None, :], part.to(out_ptr.dtype.element_ty), mask=ok_out)
+    else:
+        tl.store(ws_ptr + (pid_s * M + rm[:, None]) * N + rn[None, :], part, mask=ok_out, cache_modifier=".cg")
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if ticket == splits - 1:  # the last split of this tile: sum every split in order (deterministic)
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(splits):
+                total += tl.load(ws_ptr + (s * M + rm[:, None]) * N + rn[None, :], mask=ok_out, other=0.0,
+                                 cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + rm[:, None] * N + rn[None, :], total.to(out_ptr.dtype.element_ty), mask=ok_out)
+            tl.atomic_xchg(ticket_ptr + pid_n, 0)  # ready for the next launch (CUDA graph replays)
+
+
+@triton.jit
 def _act_sparse_kernel(x_ptr, t_ptr, wt_ptr, bias_ptr, out_ptr, ws_ptr,
                        M, N, K, stride_xm, stride_xk, k_per_split,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -237,18 +356,109 @@ def _run(out: torch.Tensor, calls: list[tuple]) -> torch.Tensor:
     return out
 
 
+DECODE_MAX_M = 16
+SCAN = 128  # channels per compaction step
+DECODE_WARPS = 4
+# decode batch (padded to a power of two) -> channels per hot-loop iteration. From the sm_90 SASS
+# (benchmarks/kernel_static.py): the most elements per iteration that stay well inside the register
+# file (no spills, >= 4 programs per SM); more tokens need more accumulator registers per channel.
+DECODE_CHUNK = {1: 16, 2: 8, 4: 8, 8: 4, 16: 4}
+H100_SMS = 132
+
+
+def programs_per_sm(registers: int, num_warps: int, shared_bytes: int = 0) -> int:
+    """Resident programs per SM on sm_90: 64K registers (allocated per warp in units of 256), 64 warps,
+    32 blocks, 228 KiB shared memory (1 KiB reserved per block)."""
+    regs_per_warp = -(-registers * 32 // 256) * 256
+    by_regs = 65536 // (regs_per_warp * num_warps)
+    by_smem = (228 * 1024) // (shared_bytes + 1024)
+    return max(1, min(by_regs, 64 // num_warps, by_smem, 32))
+
+
+def decode_split(n_tiles: int, k: int, slots: int, split_k: int | None = None,
+                 min_k_per_split: int = 256) -> tuple[int, int]:
+    """(splits, channels per split) for a decode launch: as many K splits as fill one wave of ``slots``
+    resident programs (SMs x programs per SM) over the n_tiles output tiles, but at least
+    min_k_per_split channels per split (each program's fixed cost: prologue, compaction, partial store
+    and ticket, is then small beside its hot loop), never an empty split."""
+    if split_k is None:
+        split_k = max(1, min(slots // n_tiles, triton.cdiv(k, min_k_per_split)))
+    split_k = max(1, min(split_k, triton.cdiv(k, 32)))
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), 32) * 32
+    return triton.cdiv(k, k_per_split), k_per_split
+
+
+def decode_constexprs(m: int, block_n: int, skip_channels: bool, direct: bool, has_bias: bool) -> dict:
+    block_m = triton.next_power_of_2(m)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=DECODE_CHUNK[block_m], SCAN=SCAN,
+                SKIP_CHANNELS=skip_channels, DIRECT=direct, HAS_BIAS=has_bias, INTERP=_interpreting())
+
+
+@functools.cache
+def _decode_registers(device_index: int, block_n: int, block_m: int, skip: bool, direct: bool, has_bias: bool,
+                      dtype: torch.dtype) -> int:
+    """Registers per thread of the compiled decode kernel on this GPU (compiled here once per variant)."""
+    cst = decode_constexprs(block_m, block_n, skip, direct, has_bias)
+    dev = torch.device("cuda", device_index)
+    x = torch.empty(block_m, 32, dtype=dtype, device=dev)
+    i32, f32 = torch.empty(64, dtype=torch.int32, device=dev), torch.empty(64, dtype=torch.float32, device=dev)
+    compiled = _decode_kernel.warmup(x, f32, x, i32, i32, x, x, f32, i32, f32, i32,
+                                     block_m, 32, 32, 32, 1, 32, 1, grid=(1,), **cst, num_warps=DECODE_WARPS)
+    compiled._init_handles()
+    return int(compiled.n_regs)
+
+
+def decode_call(x: torch.Tensor, threshold: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None,
+                out: torch.Tensor | None = None, workspace: torch.Tensor | None = None, *,
+                skip_channels: bool = True, split_k: int | None = None, slots: int | None = None):
+    """(out, launch) of the decode kernel, launch = (kernel, grid, args, constexprs, num_warps).
+
+    slots: resident programs the GPU holds at once (default: SMs x programs_per_sm of the compiled
+    kernel on CUDA; 8 elsewhere, which only matters for the interpreter's split-K coverage)."""
+    m, k = x.shape
+    n, block_n = packed.out_features, packed.block_n
+    tiles = triton.cdiv(n, block_n)
+    if slots is None:
+        if x.device.type == "cuda":
+            regs = _decode_registers(x.device.index or 0, block_n, triton.next_power_of_2(m), skip_channels,
+                                     False, bias is not None, x.dtype)
+            slots = _num_sms(x.device.index or 0) * programs_per_sm(regs, DECODE_WARPS)
+        else:
+            slots = 8
+    splits, k_per_split = decode_split(tiles, k, slots, split_k)
+    # one split stores directly, except at M = 16, whose direct-store variant ptxas compiles with an
+    # 8-byte spill (128 registers); the ticket epilogue with one split is spill-free and just as exact
+    direct = splits == 1 and m <= 8
+    cst = decode_constexprs(m, block_n, skip_channels, direct, bias is not None)
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if workspace is None:
+        workspace = out if direct else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+    slots_per_split = k_per_split + cst["CHUNK"]
+    live = torch.empty(splits * slots_per_split, dtype=torch.int32, device=x.device)
+    xs = torch.empty(splits * slots_per_split * cst["BLOCK_M"], dtype=torch.float32, device=x.device)
+    args = (x, threshold, packed.values, packed.masks, packed.offsets, bias if bias is not None else out, out,
+            workspace, live, xs, packed.tickets, m, n, k, x.stride(0), x.stride(1), k_per_split, splits)
+    return out, (_decode_kernel, (tiles, splits), args, cst, DECODE_WARPS)
+
+
 def bitmap_matmul(x: torch.Tensor, threshold: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None,
                   *, skip_channels: bool = True, out: torch.Tensor | None = None,
                   workspace: torch.Tensor | None = None, split_k: int | None = None) -> torch.Tensor:
     """out[M, N] = (x with |x| <= t zeroed) @ W^T + bias, W read from the bitmap format.
 
-    skip_channels=True is the dual-sparse decode kernel (channels dead for every token are not read);
-    False is the weight-sparse-only path (every segment read; x still thresholded, so still exact).
+    M <= 16: the decode kernel (one launch); larger M: the "load sparse, compute dense" tl.dot kernel.
+    skip_channels=True skips channels dead for the whole batch (dual sparsity); False reads every
+    segment (weight sparsity only; x still thresholded, so still exact).
     threshold: one-element tensor (fp32 or x's dtype) on x's device. out / workspace ([splits, M, N] fp32) may be
-    preallocated; split_k overrides the heuristic (tests).
+    preallocated; split_k overrides the occupancy heuristic (tests).
     """
     if x.dim() != 2 or x.shape[1] != packed.in_features:
         raise ValueError(f"x must be [M, {packed.in_features}], got {tuple(x.shape)}")
+    if 0 < x.shape[0] <= DECODE_MAX_M:
+        out, launch = decode_call(x, threshold, packed, bias, out, workspace, skip_channels=skip_channels,
+                                  split_k=split_k)
+        return _run(out, [launch])
     return _run(*_calls(_bitmap_kernel, (packed.values, packed.masks, packed.offsets), x, threshold,
                         packed.out_features, packed.block_n, bias, out, workspace, split_k,
                         SKIP_CHANNELS=skip_channels))
@@ -264,14 +474,20 @@ def act_sparse_matmul(x: torch.Tensor, threshold: torch.Tensor, weight_t: torch.
                         bias, out, workspace, split_k))
 
 
-def compile_report(arch: int = 90, n: int = 4096, k: int = 4096, batches: tuple[int, ...] = (1, 4, 16, 64),
-                   dtype: torch.dtype = torch.bfloat16) -> list[dict]:
-    """Compile every launch of both kernels ahead of time for sm_<arch>, without a GPU.
-
-    Catches GPU-only compile errors the interpreter cannot see, and reports registers / spills from
-    the cubin (resource usage, not speed). Needs TRITON_INTERPRET unset and triton's bundled cuobjdump.
-    """
+def _bin(tool: str) -> str:
     import os
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+
+
+def aot_compile(launch: tuple, arch: int = 90) -> dict:
+    """Compile one launch (kernel, grid, args, constexprs, num_warps) ahead of time for sm_<arch>, no GPU.
+
+    Integer arguments are specialized as the runtime launcher does (1 -> constant, multiples of 16 ->
+    divisibility hint), tensors (meta tensors are fine) get the 16-byte alignment hint. Returns the
+    cubin, SASS (cuobjdump), TTGIR and the resource usage: registers, stack, local (spill) bytes, shared.
+    Needs TRITON_INTERPRET unset and the cuobjdump bundled with triton.
+    """
     import re
     import subprocess
     import tempfile
@@ -281,47 +497,72 @@ def compile_report(arch: int = 90, n: int = 4096, k: int = 4096, batches: tuple[
     from triton.runtime.jit import mangle_type
 
     if _interpreting():
-        raise RuntimeError("compile_report needs TRITON_INTERPRET unset (the kernels are interpreted)")
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        raise RuntimeError("aot_compile needs TRITON_INTERPRET unset (the kernels are interpreted)")
+    kernel, grid, args, constexprs, num_warps = launch
+    consts = dict(constexprs)
+    signature, attrs = {}, {}
+    for i, (arg_name, arg) in enumerate(zip(kernel.arg_names, args)):
+        if isinstance(arg, int) and arg == 1:  # triton specializes 1 into a constant
+            consts[arg_name] = 1
+            continue
+        signature[arg_name] = mangle_type(arg)
+        if isinstance(arg, torch.Tensor) or arg % 16 == 0:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    for c in consts:
+        signature[c] = "constexpr"
+    compiled = triton.compile(ASTSource(kernel, signature, consts, attrs),
+                              target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([_bin("cuobjdump"), "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_bin("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", usage))
+    return dict(kernel=kernel.fn.__name__, grid=grid, num_warps=num_warps, registers=int(fields["REG"]),
+                stack=int(fields["STACK"]), local=int(fields["LOCAL"]), shared=int(fields["SHARED"]),
+                sass=sass, ttgir=compiled.asm["ttgir"], ptx=compiled.asm["ptx"], cubin=compiled.asm["cubin"])
+
+
+def _meta_packed(n: int, k: int, dtype: torch.dtype, block_n: int = 128, p_w: float = 0.5) -> PackedWeight:
+    """A PackedWeight of meta tensors with the real shapes (for compiling, never for running)."""
     meta = dict(device="meta")
+    tiles = triton.cdiv(n, block_n)
+    return PackedWeight(values=torch.empty(int(n * k * (1 - p_w)) + 1, dtype=dtype, **meta),
+                        masks=torch.empty(tiles, k, block_n // 32, dtype=torch.int32, **meta),
+                        offsets=torch.empty(tiles, k, dtype=torch.int32, **meta),
+                        col_nnz=torch.empty(k, dtype=torch.int32, **meta), dense=None,
+                        tickets=torch.empty(tiles, dtype=torch.int32, **meta),
+                        out_features=n, in_features=k, block_n=block_n)
+
+
+def compile_report(arch: int = 90, n: int = 4096, k: int = 4096, batches: tuple[int, ...] = (1, 2, 4, 8, 16, 64),
+                   dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """Compile every launch of the kernels ahead of time for sm_<arch>, without a GPU: the decode kernel
+    (dual and weight-sparse-only, split-K and direct) for M <= 16, the tl.dot bitmap kernel and the
+    activation-only baseline above. Catches GPU-only compile errors the interpreter cannot see and
+    reports registers / spills (resource usage, not speed)."""
+    meta = dict(device="meta")
+    packed = _meta_packed(n, k, dtype)
     weight_t = torch.empty(k, n, dtype=dtype, **meta)
-    report, seen = [], set()
+    report = []
     for m in batches:
         x, t = torch.empty(m, k, dtype=dtype, **meta), torch.empty(1, **meta)
-        packed_args = (torch.empty(n * k // 2, dtype=dtype, **meta), torch.empty(1, dtype=torch.int32, **meta),
-                       torch.empty(1, dtype=torch.int32, **meta))
-        split = 2 if m <= 16 else 1  # decode goes through the split-K workspace, prefill stores directly
-        variants = [(f"bitmap skip={skip}", _calls(_bitmap_kernel, packed_args, x, t, n, 128, None, None, None,
-                                                   split, SKIP_CHANNELS=skip)[1]) for skip in (True, False)]
-        variants.append(("act_sparse", _calls(_act_sparse_kernel, (weight_t,), x, t, n, 128, None, None, None,
-                                              split)[1]))
-        for name, calls in variants:
-            for kernel, grid, args, constexprs, num_warps in calls:
-                key = (kernel.fn.__name__, tuple(sorted(constexprs.items())), num_warps)
-                if key in seen:  # the split-K reduction is shared by the variants
-                    continue
-                seen.add(key)
-                names = kernel.arg_names
-                consts = dict(constexprs)
-                signature, attrs = {}, {}
-                for i, (arg_name, arg) in enumerate(zip(names, args)):
-                    if isinstance(arg, int) and arg == 1:  # triton specializes 1 into a constant
-                        consts[arg_name] = 1
-                        continue
-                    signature[arg_name] = mangle_type(arg)
-                    if isinstance(arg, torch.Tensor) or arg % 16 == 0:
-                        attrs[(i,)] = [["tt.divisibility", 16]]
-                for c in consts:
-                    signature[c] = "constexpr"
-                compiled = triton.compile(ASTSource(kernel, signature, consts, attrs),
-                                          target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                    f.write(compiled.asm["cubin"])
-                    f.flush()
-                    usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name],
-                                           capture_output=True, text=True, check=True).stdout
-                fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
-                report.append(dict(kernel=kernel.fn.__name__, variant=name, m=m, grid=grid, num_warps=num_warps,
-                                   registers=int(fields["REG"]), stack=int(fields["STACK"]),
-                                   local=int(fields["LOCAL"])))
+        launches = []
+        if m <= DECODE_MAX_M:
+            for skip, split in ((True, None), (False, None), (True, 1)):
+                launches.append((f"decode skip={skip} split={split or 'auto'}",
+                                 decode_call(x, t, packed, None, skip_channels=skip, split_k=split,
+                                             slots=H100_SMS * 4)[1]))
+        else:
+            tensors = (packed.values, packed.masks, packed.offsets)
+            for skip in (True, False):
+                launches += [(f"bitmap skip={skip}", c) for c in
+                             _calls(_bitmap_kernel, tensors, x, t, n, 128, None, None, None, 1, SKIP_CHANNELS=skip)[1]]
+            launches += [("act_sparse", c) for c in _calls(_act_sparse_kernel, (weight_t,), x, t, n, 128, None,
+                                                            None, None, 1)[1]]
+        for name, launch in launches:
+            r = aot_compile(launch, arch)
+            report.append(dict(kernel=r["kernel"], variant=name, m=m, grid=list(r["grid"]), num_warps=r["num_warps"],
+                               registers=r["registers"], stack=r["stack"], local=r["local"], shared=r["shared"]))
     return report

@@ -7,14 +7,14 @@ import pytest
 import torch
 from kernel_helpers import HAS_CUDA, TOL, make_input, make_weight, reference, rel_err
 
-from duo_vllm.kernels import choose_path, dual_sparse_linear, load_table, pack_weight
+from duo_vllm.kernels import can_serve, choose_path, dispatch, dual_sparse_linear, load_table, pack_weight
 
 # raised inside torch.compile / opcheck, not by this code
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
 def test_default_dispatch():
-    assert [choose_path(m, 4096, 4096, table={}) for m in (1, 4, 5, 512)] == ["dual"] * 2 + ["dense"] * 2
+    assert [choose_path(m, 4096, 4096, table={}) for m in (1, 4, 16, 17, 512)] == ["dual"] * 3 + ["dense"] * 2
     assert choose_path(512, 4096, 4096, has_dense=False, table={}) == "wsparse"
 
 
@@ -61,7 +61,8 @@ def test_rejects_mismatches():
 
 
 def _args(packed, x, t, b):
-    return (x, t, packed.values, packed.masks, packed.offsets, packed.dense, b, packed.out_features, packed.block_n)
+    return (x, t, packed.values, packed.masks, packed.offsets, packed.tickets, packed.dense, b,
+            packed.out_features, packed.block_n)
 
 
 def test_opcheck():
@@ -70,7 +71,7 @@ def test_opcheck():
     w = make_weight(40, 24, 0.5, torch.float32, gen)
     x, t = make_input(3, 24, 0.5, torch.float32, gen)
     b = torch.randn(40, generator=gen)
-    for packed, bias in ((pack_weight(w), b), (pack_weight(w, keep_dense=False), None)):
+    for packed, bias in ((pack_weight(w, keep_dense=True), b), (pack_weight(w), None)):
         torch.library.opcheck(torch.ops.duo.dual_sparse_linear.default, _args(packed, x, t, bias),
                               test_utils=("test_schema", "test_faketensor"))
 
@@ -82,6 +83,45 @@ def test_compile_fullgraph():
     packed = pack_weight(w)
     fn = torch.compile(lambda x, t: dual_sparse_linear(x, t, packed) * 2, fullgraph=True)
     assert rel_err(fn(x, t), 2 * reference(x, t, w)) < TOL[torch.float32]
+
+
+def test_can_serve():
+    if _has_triton():
+        assert can_serve((4096, 4096), torch.bfloat16, "cuda") == (True, "")
+        assert can_serve((12288, 4096), torch.float16, torch.device("cuda", 1)) == (True, "")
+    ok, why = can_serve((4096, 4096), torch.bfloat16, "cpu")
+    assert not ok and "CUDA" in why
+    ok, why = can_serve((4096, 4096), torch.float32, "cuda")
+    assert not ok and "bfloat16 and float16" in why
+    ok, why = can_serve((65536, 65536), torch.bfloat16, "cuda")
+    assert not ok and "int32" in why
+    ok, why = can_serve((0, 8), torch.bfloat16, "cuda")
+    assert not ok and "N, K >= 1" in why
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch; from duo_vllm.kernels import can_serve\n"
+            "ok, why = can_serve((64, 64), torch.bfloat16, 'cuda'); assert not ok and 'triton' in why, why")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _has_triton() -> bool:
+    try:
+        import triton.language  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_cuda_path_without_triton_raises(monkeypatch):
+    """On CUDA the op never falls back to torch silently when triton is missing (CPU tensors stand in)."""
+    monkeypatch.setattr(dispatch, "_triton_kernels", lambda: None)
+    w = make_weight(16, 8, 0.5, torch.bfloat16, torch.Generator().manual_seed(0))
+    x, t = make_input(2, 8, 0.5, torch.bfloat16, torch.Generator().manual_seed(1))
+    with pytest.raises(RuntimeError, match="need triton"):
+        dispatch._cuda_impl(*_args(pack_weight(w), x, t, None))
+    # the dense path (a kept dense copy, large M) is cuBLAS and needs no triton
+    x, t = make_input(64, 8, 0.5, torch.bfloat16, torch.Generator().manual_seed(2))
+    y = dispatch._cuda_impl(*_args(pack_weight(w, keep_dense=True), x, t, None))
+    assert rel_err(y, reference(x, t, w)) < TOL[torch.bfloat16]
 
 
 def test_import_never_needs_triton():

@@ -3,7 +3,7 @@ import pytest
 import torch
 from kernel_helpers import make_weight
 
-from duo_vllm.kernels import dense_bytes, format_bytes, pack_weight, unpack_weight
+from duo_vllm.kernels import dense_bytes, format_bytes, pack_weight, resident_bytes, unpack_weight
 
 
 @pytest.mark.parametrize("n,k,block_n", [(200, 101, 128), (64, 7, 32), (300, 33, 256), (1, 1, 32)])
@@ -14,10 +14,13 @@ def test_round_trip(n, k, block_n, p_w):
         w = make_weight(n, k, p_w, dtype, gen)
         packed = pack_weight(w, block_n=block_n)
         assert torch.equal(unpack_weight(packed), w)
-        assert packed.values.dtype == dtype and packed.values.numel() == int((w != 0).sum())
+        # the nonzeros, then one zero of padding for the decode kernel's unmasked gathers
+        assert packed.values.dtype == dtype and packed.values.numel() == int((w != 0).sum()) + 1
+        assert packed.values[-1] == 0
         assert packed.masks.shape == (-(-n // block_n), k, block_n // 32)
         assert torch.equal(packed.col_nnz, (w != 0).sum(0, dtype=torch.int32))
-        assert packed.dense is w
+        assert packed.dense is None  # no dense copy unless asked
+        assert packed.tickets.shape == (-(-n // block_n),) and not packed.tickets.any()
 
 
 def test_layout():
@@ -28,14 +31,20 @@ def test_layout():
     assert p.masks[0, 1].tolist() == [(1 << 0) | -(1 << 31), 1 | -(1 << 31)]  # outputs 0, 31 | 32, 63
     assert p.masks[1, 1].tolist() == [1 | (1 << 5), 0]  # outputs 64, 69 in tile 1
     assert p.offsets.tolist() == [[0, 0, 4], [4, 4, 6]]  # tile-major: (0,0) (0,1) (0,2) (1,0) (1,1) (1,2)
-    assert p.values.tolist() == [1, 2, 3, 4, 5, 6]
+    assert p.values.tolist() == [1, 2, 3, 4, 5, 6, 0]
     assert not p.masks[:, [0, 2]].any()
 
 
-def test_keep_dense_false():
-    w = make_weight(40, 20, 0.5, torch.float16, torch.Generator().manual_seed(0))
-    p = pack_weight(w, keep_dense=False)
+def test_keep_dense():
+    """Default: only the bitmap stays resident (0.578x dense at W50); keep_dense=True adds the dense weight."""
+    w = make_weight(512, 256, 0.5, torch.bfloat16, torch.Generator().manual_seed(0))
+    p = pack_weight(w)
     assert p.dense is None and torch.equal(unpack_weight(p), w)
+    nnz = int((w != 0).sum())
+    assert resident_bytes(p) == (nnz + 1) * 2 + 4 * 256 * (16 + 4) + 4 * 4
+    assert resident_bytes(p) / dense_bytes(p) == pytest.approx(0.5 + 1 / 16 + 2 / 128, abs=0.01)
+    kept = pack_weight(w, keep_dense=True)
+    assert kept.dense is w and resident_bytes(kept) == resident_bytes(p) + dense_bytes(p)
 
 
 def test_rejects_bad_input():
@@ -53,7 +62,7 @@ def test_format_bytes():
     tiles = n // bn
     seg = 4 + bn // 8
     # all channels: the storage size
-    storage = p.values.numel() * 2 + p.masks.numel() * 4 + p.offsets.numel() * 4
+    storage = (p.values.numel() - 1) * 2 + p.masks.numel() * 4 + p.offsets.numel() * 4
     assert format_bytes(p) == storage
     # memory ~ (1 - p_w + 1/16 + 2/BN) of dense
     assert format_bytes(p) / dense_bytes(p) == pytest.approx(0.5 + 1 / 16 + 2 / bn, abs=0.01)

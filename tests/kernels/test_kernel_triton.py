@@ -45,8 +45,8 @@ def test_dual_kernel_grid(tk, p_w, p_x, dtype, m):
 @pytest.mark.parametrize("m,split_k", [(1, 1), (1, 3), (3, 1), (3, 4), (16, 2), (70, 1), (70, 2)])
 @pytest.mark.parametrize("kernel", ["dual", "wsparse", "act"])
 def test_paths_and_splits(tk, kernel, m, split_k):
-    """Direct store and split-K workspace, every block shape (FMA, dot, several M blocks), all three kernels;
-    output and workspace poisoned with NaN beforehand."""
+    """Direct store and split-K (decode: last-split reduction; M > 16: workspace + reduce launch), every block
+    shape, all three kernels; output and workspace poisoned with NaN beforehand; tickets back at 0."""
     dtype = torch.bfloat16 if m != 3 else torch.float16
     w, x, t, b = _problem(130, 70, m, 0.5, 0.5, dtype, seed=m * 10 + split_k, bias=True)
     ref = reference(x, t, w, b)
@@ -56,9 +56,73 @@ def test_paths_and_splits(tk, kernel, m, split_k):
     if kernel == "act":
         tk.act_sparse_matmul(x, t, w.t().contiguous(), b, out=out, workspace=ws, split_k=split_k)
     else:
-        tk.bitmap_matmul(x, t, pack_weight(w), b, skip_channels=kernel == "dual", out=out, workspace=ws,
+        packed = pack_weight(w)
+        if m <= tk.DECODE_MAX_M:  # the decode kernel rounds channels per split to 32: 70 -> 3 splits at most
+            assert tk.decode_split(2, 70, 8, split_k)[0] == min(split_k, 3)
+        tk.bitmap_matmul(x, t, packed, b, skip_channels=kernel == "dual", out=out, workspace=ws,
                          split_k=split_k)
+        assert not packed.tickets.any()
     assert rel_err(out.cpu(), ref) < TOL[dtype]
+
+
+# every decode variant (padded M 1, 2, 4, 8, 16; bf16, fp16), several splits, odd N and K
+# (split None: K < 256 gives one split and the direct store; 3: the last-split reduction)
+DECODE_CASES = [(m, dtype, split) for m in (1, 2, 3, 4, 7, 8, 13, 16) for dtype in (torch.bfloat16, torch.float16)
+                for split in ((3,) if m not in (1, 16) else (None, 3))]
+
+
+@pytest.mark.parametrize("m,dtype,split_k", DECODE_CASES)
+def test_decode_variants(tk, m, dtype, split_k):
+    n, k = 161, 203  # odd: a ragged last tile, splits that end mid-SCAN
+    w, x, t, b = _problem(n, k, m, 0.5, 0.5, dtype, seed=m + 100 * (split_k or 0), bias=m % 2 == 0)
+    ref = reference(x, t, w, b)
+    w, x, t, b = _to(DEVICE, w, x, t, b)
+    packed = pack_weight(w)
+    out = tk.bitmap_matmul(x, t, packed, b, split_k=split_k)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert rel_err(out.cpu(), ref) < TOL[dtype]
+    assert not packed.tickets.any()  # every tile's ticket is reset by its last split
+    again = tk.bitmap_matmul(x, t, packed, b, split_k=split_k)
+    assert torch.equal(out, again)  # deterministic: fixed summation order, no float atomics
+
+
+def test_decode_per_token_threshold(tk):
+    """Batch > 1: each token multiplies its own thresholded x over the union of live channels (a channel
+    live for token 0 only must not leak token 0's value into token 1's row)."""
+    n, k = 64, 96
+    w, _, _, _ = _problem(n, k, 1, 0.0, 0.0, torch.float16, seed=4)
+    x = torch.full((2, k), 0.25)  # everything dead at t = 0.5 ...
+    x[0, 5], x[1, 40] = 3.0, -2.0  # ... except one channel per token
+    x = x.to(torch.float16)
+    t = torch.tensor(0.5)
+    out = tk.bitmap_matmul(*_to(DEVICE, x, t), pack_weight(w.to(DEVICE)), split_k=2).cpu()
+    want = torch.stack([3.0 * w[:, 5].double(), -2.0 * w[:, 40].double()])
+    assert rel_err(out, want) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_all_dead_input(tk, m):
+    """No live channel in any split: the output is exactly the bias (or zero), never stale or NaN."""
+    n, k = 150, 70
+    w, x, _, b = _problem(n, k, m, 0.5, 0.0, torch.bfloat16, seed=m, bias=m == 4)
+    t = torch.tensor(float(x.float().abs().max()))  # |x| <= t everywhere
+    w, x, t, b = _to(DEVICE, w, x, t, b)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    tk.bitmap_matmul(x, t, pack_weight(w), b, out=out, split_k=3)
+    want = torch.zeros(m, n, dtype=torch.bfloat16, device=DEVICE) if b is None else b.expand(m, n)
+    assert torch.equal(out, want)
+
+
+def test_decode_split_sizing(tk):
+    """K splits from occupancy: fill one wave of resident programs, at least 256 channels per split."""
+    assert tk.programs_per_sm(40, 4) == 12  # 40 regs x 128 threads: 5120 of 65536 regs per program
+    assert tk.programs_per_sm(128, 4) == 4
+    assert tk.programs_per_sm(32, 4) == 16  # the 64-warp limit
+    assert tk.decode_split(96, 4096, 132 * 12) == (16, 256)  # LLaMA-2-7B qkv: min 256 channels per split
+    assert tk.decode_split(172, 4096, 132 * 12) == (9, 480)  # gate_up: 9 splits fill 1548 of 1584 slots
+    assert tk.decode_split(4, 1000, 8) == (2, 512)  # 2 programs per tile fill the 8 slots
+    assert tk.decode_split(4, 100, 8) == (1, 128)  # < 256 channels: one split, direct store
+    assert tk.decode_split(4, 100, 8, split_k=3) == (2, 64)  # forced: rounded to 32 channels, no empty split
 
 
 @pytest.mark.parametrize("kernel", ["wsparse", "act"])
