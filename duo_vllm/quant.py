@@ -2,7 +2,8 @@
 
 Every decoder linear (fused qkv, o, fused gate_up, down) loads its dense-with-zeros weight and one
 fp32 ``input_threshold`` per checkpoint linear, and computes ``linear(x * (|x| > t), W)`` on every
-token. Embeddings and lm_head stay unquantized.
+token with the kernel ``duo_vllm.linear_kernels.choose_kernel`` picks for it. Embeddings and lm_head
+stay unquantized.
 """
 from __future__ import annotations
 
@@ -25,9 +26,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod, VocabParallelEmbedding
 from vllm.model_executor.parameter import ModelWeightParameter, PerTensorScaleParameter
 from vllm.model_executor.utils import set_weight_attrs
-from vllm.platforms import current_platform
 
-from duo_vllm import ops
 from duo_vllm.format import (
     LINEAR_NAMES,
     QUANT_METHOD,
@@ -37,6 +36,7 @@ from duo_vllm.format import (
     parse_config,
     threshold_name,
 )
+from duo_vllm.linear_kernels import DuoLinearKernel, LayerSpec, choose_kernel
 
 # Under "vllm." so vLLM's logging configuration shows our INFO lines.
 logger = logging.getLogger("vllm.duo")
@@ -107,20 +107,6 @@ class DuoQuantConfig(QuantizationConfig):
         return [(int(m.group(1)), name) for name in names]
 
 
-def _cuda_kernels():
-    """The Triton kernel package on CUDA, or None (then the torch op serves)."""
-    if not current_platform.is_cuda():
-        return None
-    try:
-        from duo_vllm import kernels
-        from duo_vllm.kernels import dual_sparse_linear, pack_weight  # noqa: F401  (the API used below)
-
-        return kernels
-    except ImportError as e:
-        logger.warning("duo: Triton kernels unavailable (%s); using the torch path", e)
-        return None
-
-
 @register_weight_loader_v2_supported_method
 class DuoLinearMethod(LinearMethodBase):
     """One decoder linear (possibly fused from several checkpoint linears that share an input)."""
@@ -129,6 +115,7 @@ class DuoLinearMethod(LinearMethodBase):
         self.config = config
         self.linears = linears
         self.output_partition_sizes: list[int] = []
+        self.kernel: DuoLinearKernel | None = None  # chosen at load time (duo_vllm.linear_kernels)
 
     def create_weights(
         self,
@@ -171,14 +158,13 @@ class DuoLinearMethod(LinearMethodBase):
             torch.tensor(thresholds[0], dtype=torch.float32).to(layer.weight.dtype).to(layer.weight.device),
             requires_grad=False,
         )
-        kernels = _cuda_kernels() if layer.weight.is_cuda else None
-        layer.duo_kernels = kernels
-        layer.duo_packed = kernels.pack_weight(layer.weight.data) if kernels else None
+        out_features, in_features = layer.weight.shape
+        self.kernel = choose_kernel(LayerSpec(layer.prefix, out_features, in_features, layer.weight.dtype,
+                                              layer.weight.device))
+        self.kernel.process_weights_after_loading(layer)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if layer.duo_packed is not None:
-            return layer.duo_kernels.dual_sparse_linear(x, layer.input_threshold, layer.duo_packed, bias)
-        return ops.threshold_linear(x, layer.input_threshold, layer.weight, bias)
+        return self.kernel.apply(layer, x, bias)
 
     def _check_thresholds(self, thresholds: list[float]) -> None:
         for (layer_idx, name), t in zip(self.linears, thresholds):

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from duo_vllm.format import DuoConfig, DuoFormatError, apply_threshold
-from duo_vllm.ops import threshold_linear
 
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[cpu]' or '.[gpu]')")
 
@@ -22,6 +21,13 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(params=["cpu", "torch"])
+def kernel(request, monkeypatch):
+    """Each CPU kernel in turn, through the DUO_KERNEL override."""
+    monkeypatch.setenv("DUO_KERNEL", request.param)
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +68,7 @@ def _pruned(rows: int, cols: int, sparsity: float = 0.5) -> torch.Tensor:
     return w
 
 
-# --- registration and op ------------------------------------------------------------------------
+# --- registration ------------------------------------------------------------------------
 
 
 def test_entry_point_registers_duo():
@@ -73,29 +79,6 @@ def test_entry_point_registers_duo():
     register()
     register()  # vLLM calls it in every process, possibly more than once
     assert get_quantization_config("duo") is DuoQuantConfig
-
-
-def test_threshold_linear_matches_definition():
-    x, w, b = torch.randn(7, 32), torch.randn(5, 32), torch.randn(5)
-    t = torch.tensor(0.7)
-    expected = torch.nn.functional.linear(apply_threshold(x, t), w, b)
-    assert torch.equal(threshold_linear(x, t, w, b), expected)
-    assert torch.equal(threshold_linear(x, t, w, None), torch.nn.functional.linear(apply_threshold(x, t), w))
-    # strictly greater: a value equal to the threshold is dropped
-    x = torch.tensor([[0.7, -0.7, 0.71]])
-    assert torch.equal(threshold_linear(x, t, torch.eye(3)), torch.tensor([[0.0, 0.0, 0.71]]))
-
-
-def test_threshold_linear_is_a_traceable_custom_op():
-    x, w, t = torch.randn(3, 4, 16), torch.randn(8, 16), torch.tensor(0.3)
-    torch.library.opcheck(torch.ops.duo.threshold_linear.default, (x, t, w, None))
-    compiled = torch.compile(lambda x: threshold_linear(x, t, w, None), fullgraph=True, backend="aot_eager")
-    assert torch.equal(compiled(x), threshold_linear(x, t, w, None))
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode():
-        out = threshold_linear(torch.empty(3, 4, 16), torch.empty(()), torch.empty(8, 16), None)
-    assert out.shape == (3, 4, 8)
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -163,7 +146,11 @@ def _qkv(qc: DuoQuantConfig):
     return QKVParallelLinear(64, 16, 4, 2, bias=False, quant_config=qc, prefix="model.layers.2.self_attn.qkv_proj")
 
 
-def test_fused_layers_load_and_compute_like_the_reference(vllm_env):
+def _reference(x: torch.Tensor, t: float, w: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(apply_threshold(x.double(), t), w.double()).float()
+
+
+def test_fused_layers_load_and_compute_like_the_reference(vllm_env, kernel):
     from vllm.model_executor.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 
     qc = _config()
@@ -172,10 +159,11 @@ def test_fused_layers_load_and_compute_like_the_reference(vllm_env):
     w = {"q": _pruned(64, 64), "k": _pruned(32, 64), "v": _pruned(32, 64)}
     _load(qkv, w, {"q": 0.4, "k": 0.4, "v": 0.4})
     qkv.quant_method.process_weights_after_loading(qkv)
+    assert qkv.quant_method.kernel.name == kernel
+    assert qkv.weight.numel() == 0  # the kernel keeps its own layout; the loaded weight is freed
     out, _ = qkv(x)
-    ref = torch.cat([torch.nn.functional.linear(apply_threshold(x, 0.4), w[s]) for s in "qkv"], dim=-1)
-    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
-    assert torch.equal(out, threshold_linear(x, torch.tensor(0.4), torch.cat(list(w.values())), None))
+    ref = torch.cat([_reference(x, 0.4, w[s]) for s in "qkv"], dim=-1)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
     gate_up = MergedColumnParallelLinear(
         64, [48, 48], bias=False, quant_config=qc, prefix="model.layers.2.mlp.gate_up_proj"
@@ -184,14 +172,14 @@ def test_fused_layers_load_and_compute_like_the_reference(vllm_env):
     _load(gate_up, w, {0: 0.1, 1: 0.1})
     gate_up.quant_method.process_weights_after_loading(gate_up)
     out, _ = gate_up(x)
-    assert torch.equal(out, torch.nn.functional.linear(apply_threshold(x, 0.1), torch.cat([w[0], w[1]])))
+    torch.testing.assert_close(out, _reference(x, 0.1, torch.cat([w[0], w[1]])), rtol=1e-5, atol=1e-5)
 
     down = RowParallelLinear(64, 32, bias=False, quant_config=qc, prefix="model.layers.2.mlp.down_proj")
     wd = _pruned(32, 64)
     _load(down, {None: wd}, {None: 0.25})
     down.quant_method.process_weights_after_loading(down)
     out, _ = down(x)
-    assert torch.equal(out, torch.nn.functional.linear(apply_threshold(x, 0.25), wd))
+    torch.testing.assert_close(out, _reference(x, 0.25, wd), rtol=1e-5, atol=1e-5)
     assert down.input_threshold.dtype == torch.float32 and down.input_threshold.dim() == 0
 
 
@@ -219,3 +207,73 @@ def test_a_few_extra_zeros_are_accepted(vllm_env):
     qkv = _qkv(_config(weight_sparsity=0.5))
     _load(qkv, {"q": _pruned(64, 64, 0.55), "k": _pruned(32, 64), "v": _pruned(32, 64)}, {s: 0.4 for s in "qkv"})
     qkv.quant_method.process_weights_after_loading(qkv)
+
+
+# --- the kernel seam ----------------------------------------------------------------------------
+
+
+def _spec(dtype=torch.float32, device="cpu"):
+    from duo_vllm.linear_kernels import LayerSpec
+
+    return LayerSpec("model.layers.0.mlp.down_proj", 32, 64, dtype, torch.device(device))
+
+
+def test_seam_picks_the_cpu_kernel_for_fp32_on_cpu_and_says_why_not_triton(monkeypatch, caplog):
+    from duo_vllm import linear_kernels
+
+    monkeypatch.delenv("DUO_KERNEL", raising=False)
+    monkeypatch.setattr(linear_kernels, "_logged", set())
+    with caplog.at_level("INFO", logger="vllm.duo"):
+        assert linear_kernels.choose_kernel(_spec()).name == "cpu"
+        linear_kernels.choose_kernel(_spec())  # same outcome: not logged again
+    lines = [r.getMessage() for r in caplog.records if "serves" in r.getMessage()]
+    assert len(lines) == 1 and "kernel 'cpu' serves cpu-float32" in lines[0]
+    assert "refused: triton: device is cpu, not cuda" in lines[0]
+
+
+def test_seam_refusals_name_the_reason():
+    from duo_vllm.linear_kernels import CpuSparseKernel, TorchKernel, TritonKernel
+
+    assert CpuSparseKernel.can_implement(_spec(torch.bfloat16)) == (
+        False, "dtype is torch.bfloat16; the CPU kernel is float32 only")
+    assert CpuSparseKernel.can_implement(_spec(device="meta"))[1] == "device is meta, not cpu"
+    assert TritonKernel.can_implement(_spec()) == (False, "device is cpu, not cuda")
+    assert TorchKernel.can_implement(_spec(torch.bfloat16)) == (True, None)
+
+
+def test_seam_bf16_on_cpu_goes_to_the_torch_kernel(monkeypatch):
+    from duo_vllm.linear_kernels import choose_kernel
+
+    monkeypatch.delenv("DUO_KERNEL", raising=False)
+    assert choose_kernel(_spec(torch.bfloat16)).name == "torch"
+
+
+def test_seam_override_that_cannot_serve_is_an_error(monkeypatch):
+    from duo_vllm.linear_kernels import choose_kernel
+
+    monkeypatch.setenv("DUO_KERNEL", "triton")
+    with pytest.raises(RuntimeError, match=r"DUO_KERNEL=triton: kernel 'triton' cannot serve "
+                                           r"model\.layers\.0\.mlp\.down_proj .*device is cpu, not cuda"):
+        choose_kernel(_spec())
+    monkeypatch.setenv("DUO_KERNEL", "cpu")
+    with pytest.raises(RuntimeError, match="float32 only"):
+        choose_kernel(_spec(torch.bfloat16))
+    monkeypatch.setenv("DUO_KERNEL", "fast")
+    with pytest.raises(ValueError, match=r"DUO_KERNEL='fast': unknown kernel, expected one of triton, cpu, torch"):
+        choose_kernel(_spec())
+
+
+def test_cpu_kernel_serves_a_layer_with_bias_above_and_below_the_crossover(vllm_env, monkeypatch):
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    monkeypatch.setenv("DUO_KERNEL", "cpu")
+    down = RowParallelLinear(64, 32, bias=True, quant_config=_config(), prefix="model.layers.2.mlp.down_proj")
+    wd = _pruned(32, 64)
+    _load(down, {None: wd}, {None: 0.25})
+    down.bias.data.copy_(torch.randn(32))
+    down.quant_method.process_weights_after_loading(down)
+    kernel = down.quant_method.kernel
+    for m in (1, kernel.max_sparse_m, kernel.max_sparse_m + 1, 40):  # sparse kernel, then oneDNN
+        x = torch.randn(m, 64)
+        out, _ = down(x)
+        torch.testing.assert_close(out, _reference(x, 0.25, wd) + down.bias, rtol=1e-5, atol=1e-5)

@@ -192,6 +192,7 @@ def loaded_state(ckpt, model):
     from safetensors import safe_open
     from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
     from duo_vllm.format import LINEAR_GROUPS, load_thresholds
+    from duo_vllm.kernels import cpu_kernel
     from duo_vllm.quant import DuoLinearMethod
 
     rank, world = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
@@ -202,7 +203,7 @@ def loaded_state(ckpt, model):
     thresholds = load_thresholds(ckpt)
     modules = {"self_attn.qkv_proj": ("qkv", 0), "self_attn.o_proj": ("o", 1),
                "mlp.gate_up_proj": ("gate_up", 0), "mlp.down_proj": ("down", 1)}  # split dim of the TP shard
-    problems, checked = [], 0
+    problems, checked, kernels = [], 0, set()
     for i, layer in enumerate(model.model.layers):
         for module, (group, dim) in modules.items():
             mod = layer.get_submodule(module)
@@ -216,13 +217,16 @@ def loaded_state(ckpt, model):
                     w = sf.get_tensor(key)
                 size = w.shape[dim] // world
                 parts.append(w.narrow(dim, rank * size, size))
-            if not torch.equal(mod.weight.data, torch.cat(parts, 0)):
+            kernels.add(mod.quant_method.kernel.name)
+            # the CPU kernel's runtime layout, built from this rank's shard of the checkpoint, tensor by tensor
+            runtime, expected = mod.quant_method.kernel.packed, cpu_kernel.pack(torch.cat(parts, 0))
+            if not all(torch.equal(getattr(runtime, f), getattr(expected, f)) for f in ("blob", "offsets")):
                 problems.append(f"layer {i} {module}: weight differs from the checkpoint on rank {rank}")
             t = torch.tensor(thresholds[(i, LINEAR_GROUPS[group][0])], dtype=torch.float32)
             if not torch.equal(mod.input_threshold.data.float(), t):
                 problems.append(f"layer {i} {module}: threshold {float(mod.input_threshold)} != {float(t)}")
             checked += 1
-    return {"rank": rank, "checked": checked, "problems": problems[:10],
+    return {"rank": rank, "checked": checked, "problems": problems[:10], "kernels": sorted(kernels),
             "embed": type(model.model.embed_tokens.quant_method).__name__,
             "lm_head": type(model.lm_head.quant_method).__name__}
 
@@ -260,6 +264,7 @@ def _assert_loaded_state(result: dict, tp: int) -> None:
     assert [r["rank"] for r in ranks] == list(range(tp))
     for r in ranks:
         assert r["problems"] == [] and r["checked"] == 30 * 4, r
+        assert r["kernels"] == ["cpu"], r  # every decoder linear served by the CPU dual-sparse kernel
         assert (r["embed"], r["lm_head"]) == ("UnquantizedEmbeddingMethod",) * 2, r
 
 

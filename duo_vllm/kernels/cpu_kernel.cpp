@@ -1,0 +1,268 @@
+// The CPU dual-sparse linear: torch.ops.duo.cpu_sparse_linear (fp32).
+//
+// Format (built by duo_vllm/kernels/cpu_kernel.py:pack): W [N, K] is cut into T equal tiles of `width`
+// outputs (a multiple of 32). Each segment (tile t, input channel k) is one contiguous run in `blob`:
+//   width / 32 mask words (uint32, stored bit for bit in the float array): bit b of word w <=> W[t width + 32 w + b, k] != 0
+//   then the segment's nonzeros in output order
+// offsets[t, k] (int32) is where the segment starts; segments are stored tile by tile, channel by channel;
+// `blob` ends with 8 zeros of padding (the AVX2 path loads 8 floats from any position).
+//
+// A call thresholds x (|x| > t kept), lists the channels live for at least one token, and each thread
+// takes whole (tile, channel range) units and reads only the live channels' segments: pruned weights and
+// dead channels are never read. Wide tiles and masks inside the segment make a live channel one long read
+// and a dead one a hole: on the project's 2-core EPYC VMs, random 1 KB reads reach ~8 GB/s against ~14
+// GB/s streaming, 4 KB reads ~11 GB/s. Each output is summed by one thread in channel order; where there
+// are fewer tiles than threads, the channels of a tile are split at fixed points and the partial sums meet
+// in a fixed order. A token's result does not depend on the rest of its batch (dead channels add zeros).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define DUO_X86 1
+#endif
+
+namespace {
+
+constexpr int kWord = 32;  // outputs per mask word
+
+struct LiveChannels {
+  std::vector<int32_t> channel;  // live input channels, increasing
+  std::vector<float> x;          // [live, M]: thresholded x of each live channel, token-minor
+};
+
+LiveChannels find_live(const float* x, int64_t m, int64_t k, float t) {
+  LiveChannels live;
+  std::vector<float> column(m);
+  for (int64_t c = 0; c < k; ++c) {
+    bool any = false;
+    for (int64_t r = 0; r < m; ++r) {
+      const float v = x[r * k + c];
+      const bool keep = std::fabs(v) > t;  // NaN compares false: zeroed, like torch.where(|x| > t, x, 0)
+      column[r] = keep ? v : 0.0f;
+      any |= keep;
+    }
+    if (any) {
+      live.channel.push_back(static_cast<int32_t>(c));
+      live.x.insert(live.x.end(), column.begin(), column.end());
+    }
+  }
+  return live;
+}
+
+// What one work unit computes: acc[r * ld + o] += x[r, c] * W[tile, c][o] over live channels j0..j1 of a
+// tile (offsets: the tile's [K] segment starts in blob). acc starts zeroed.
+struct Unit {
+  const LiveChannels& live;
+  int64_t j0, j1, m, words, ld;
+  const int32_t* offsets;
+  const float* blob;
+  float* acc;
+};
+
+inline const uint32_t* segment_masks(const float* seg) { return reinterpret_cast<const uint32_t*>(seg); }
+
+void unit_portable(const Unit& u) {
+  for (int64_t j = u.j0; j < u.j1; ++j) {
+    const float* seg = u.blob + u.offsets[u.live.channel[j]];
+    const uint32_t* mk = segment_masks(seg);
+    const float* w = seg + u.words;
+    const float* xv = u.live.x.data() + j * u.m;
+    for (int64_t wd = 0; wd < u.words; ++wd) {
+      for (uint32_t bits = mk[wd]; bits; bits &= bits - 1) {
+        const int64_t out = wd * kWord + __builtin_ctz(bits);
+        const float wv = *w++;
+        for (int64_t r = 0; r < u.m; ++r) u.acc[r * u.ld + out] += xv[r] * wv;
+      }
+    }
+  }
+}
+
+#ifdef DUO_X86
+// Byte b of a mask places popcount(b) packed values into 8 lanes: perm[b][i] is the value's index for a
+// lane whose bit is set, with the sign bit set (vpermps reads the low 3 bits; the sign bit then zeroes
+// the other lanes).
+struct ExpandTable {
+  alignas(32) int32_t perm[256][8];
+  ExpandTable() {
+    for (int b = 0; b < 256; ++b) {
+      int next = 0;
+      for (int i = 0; i < 8; ++i) {
+        const bool on = (b >> i) & 1;
+        perm[b][i] = on ? static_cast<int32_t>(0x80000000u | next) : 0;
+        next += on;
+      }
+    }
+  }
+};
+const ExpandTable kExpand;
+
+// How far ahead the next live segments are prefetched, one cache line per mask word (about what a word
+// consumes at 50 % density): after a dead channel's hole the hardware prefetcher has nothing to follow, and
+// a DRAM access must be asked for about this many bytes (~1 us at 10 GB/s) before it is needed.
+constexpr int64_t kPrefetchBytes = 8192;
+
+// MB > 0: exactly MB tokens, their x broadcasts in registers; MB == 0: any m.
+template <int MB>
+__attribute__((target("avx2,fma,popcnt"))) void unit_avx2(const Unit& u) {
+  const int32_t* channel = u.live.channel.data();
+  const int64_t lead = std::max<int64_t>(2, kPrefetchBytes / (64 * u.words));  // in live channels
+  for (int64_t j = u.j0; j < u.j1; ++j) {
+    const char* ahead = reinterpret_cast<const char*>(u.blob + u.offsets[channel[std::min(j + lead, u.j1 - 1)]]);
+    const float* seg = u.blob + u.offsets[channel[j]];
+    const uint32_t* mk = segment_masks(seg);
+    const float* w = seg + u.words;
+    const float* xv = u.live.x.data() + j * u.m;
+    __m256 xb[MB > 0 ? MB : 1];
+    for (int r = 0; r < MB; ++r) xb[r] = _mm256_broadcast_ss(xv + r);
+    for (int64_t wd = 0; wd < u.words; ++wd) {
+      const uint32_t bits = mk[wd];
+      _mm_prefetch(ahead + 64 * wd, _MM_HINT_T0);
+      // where each byte's values start, independently (a chain of popcounts would serialize the loads)
+      const float* starts[4] = {w, w + _mm_popcnt_u32(bits & 0xFFu), w + _mm_popcnt_u32(bits & 0xFFFFu),
+                                w + _mm_popcnt_u32(bits & 0xFFFFFFu)};
+      w += _mm_popcnt_u32(bits);
+      for (int g = 0; g < 4; ++g) {
+        const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.perm[(bits >> (8 * g)) & 0xFF]));
+        const __m256 v = _mm256_blendv_ps(_mm256_setzero_ps(), _mm256_permutevar8x32_ps(_mm256_loadu_ps(starts[g]), perm),
+                                          _mm256_castsi256_ps(perm));
+        float* a = u.acc + wd * kWord + 8 * g;
+        if (MB > 0) {
+          for (int r = 0; r < MB; ++r, a += u.ld) _mm256_store_ps(a, _mm256_fmadd_ps(xb[r], v, _mm256_load_ps(a)));
+        } else {
+          for (int64_t r = 0; r < u.m; ++r, a += u.ld)
+            _mm256_store_ps(a, _mm256_fmadd_ps(_mm256_broadcast_ss(xv + r), v, _mm256_load_ps(a)));
+        }
+      }
+    }
+  }
+}
+#endif
+
+using UnitFn = void (*)(const Unit&);
+
+UnitFn unit_fn(bool avx2, int64_t m) {
+#ifdef DUO_X86
+  if (avx2) {
+    switch (m) {
+      case 1: return unit_avx2<1>;
+      case 2: return unit_avx2<2>;
+      case 3: return unit_avx2<3>;
+      case 4: return unit_avx2<4>;
+      default: return unit_avx2<0>;
+    }
+  }
+#endif
+  return unit_portable;
+}
+
+bool cpu_has_avx2() {
+#ifdef DUO_X86
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
+#else
+  return false;
+#endif
+}
+
+// Above the crossover: the thresholded x through vLLM's oneDNN GEMM (_C::onednn_mm, the dense model's own).
+at::Tensor dense_linear(const at::Tensor& x, float t, const std::optional<at::Tensor>& bias,
+                        const at::Tensor& handle, int64_t n) {
+  static const auto onednn_mm =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("_C::onednn_mm", "")
+          .typed<void(at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&)>();
+  const at::Tensor xt = at::where(x.abs() > t, x, at::zeros({}, x.options()));
+  at::Tensor y = at::empty({x.size(0), n}, x.options());
+  onednn_mm.call(y, xt, bias, handle);
+  return y;
+}
+
+at::Tensor cpu_sparse_linear(const at::Tensor& x_in, const at::Tensor& threshold, const at::Tensor& blob,
+                             const at::Tensor& offsets, const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& dense_handle, int64_t out_features,
+                             int64_t max_sparse_m, c10::string_view isa) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 2,
+              "duo::cpu_sparse_linear: x must be a 2-D float32 CPU tensor, got ", x_in.sizes(), " ",
+              x_in.scalar_type(), " on ", x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t m = x.size(0), k = x.size(1), n = out_features;
+  TORCH_CHECK(offsets.scalar_type() == at::kInt && offsets.is_contiguous() && offsets.dim() == 2 &&
+                  offsets.size(1) == k && offsets.size(0) >= 1,
+              "duo::cpu_sparse_linear: offsets must be contiguous int32 [tiles, ", k, "], got ", offsets.sizes());
+  const int64_t tiles = offsets.size(0), words = (n + tiles * kWord - 1) / (tiles * kWord), width = words * kWord;
+  TORCH_CHECK(n >= 1 && (tiles - 1) * width < n,
+              "duo::cpu_sparse_linear: ", tiles, " tiles do not split ", n, " outputs into equal tiles");
+  TORCH_CHECK(blob.scalar_type() == at::kFloat && blob.is_contiguous() && blob.dim() == 1,
+              "duo::cpu_sparse_linear: blob must be contiguous 1-D float32");
+  TORCH_CHECK(threshold.numel() == 1, "duo::cpu_sparse_linear: threshold must hold one value");
+  const bool avx2 = isa == "avx2";
+  TORCH_CHECK(avx2 || isa == "portable", "duo::cpu_sparse_linear: isa must be 'avx2' or 'portable', got ", isa);
+  TORCH_CHECK(!avx2 || cpu_has_avx2(), "duo::cpu_sparse_linear: isa 'avx2' asked on a CPU without AVX2+FMA");
+  const float* bias_ptr = nullptr;
+  at::Tensor bias_c;
+  if (bias.has_value() && bias->defined()) {
+    bias_c = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias_c.numel() == n, "duo::cpu_sparse_linear: bias has ", bias_c.numel(), " values, expected ", n);
+    bias_ptr = bias_c.data_ptr<float>();
+  }
+
+  const float t = threshold.to(at::kFloat).item<float>();
+  if (m > max_sparse_m && dense_handle.has_value() && dense_handle->defined())
+    return dense_linear(x, t, bias, *dense_handle, n);
+  at::Tensor y = at::empty({m, n}, x.options());
+  if (m == 0) return y;
+  const LiveChannels live = find_live(x.data_ptr<float>(), m, k, t);
+  const int32_t* off_ptr = offsets.data_ptr<int32_t>();
+  const float* blob_ptr = blob.data_ptr<float>();
+  float* y_ptr = y.data_ptr<float>();
+
+  // Units: (tile, fixed range of input channels); channels split only where tiles are fewer than threads.
+  const int64_t threads = at::get_num_threads();
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(k, (threads + tiles - 1) / tiles));
+  std::vector<int64_t> split_begin(splits + 1);  // positions in the live list
+  for (int64_t s = 0; s <= splits; ++s) {
+    const int32_t first_channel = static_cast<int32_t>(k * s / splits);
+    split_begin[s] = std::lower_bound(live.channel.begin(), live.channel.end(), first_channel) - live.channel.begin();
+  }
+  // accumulators [splits][m][tiles * width]; torch's allocator aligns to 64 bytes, so no 32-byte access
+  // straddles two cache lines
+  const int64_t ld = tiles * width;
+  at::Tensor acc = at::empty({splits, m, ld}, x.options());
+  float* acc_ptr = acc.data_ptr<float>();
+  const UnitFn run_unit = unit_fn(avx2, m);
+  at::parallel_for(0, tiles * splits, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t tile = unit / splits, s = unit % splits;
+      float* a = acc_ptr + s * m * ld + tile * width;
+      for (int64_t r = 0; r < m; ++r) std::fill(a + r * ld, a + r * ld + width, 0.0f);
+      run_unit(Unit{live, split_begin[s], split_begin[s + 1], m, words, ld, off_ptr + tile * k, blob_ptr, a});
+    }
+  });
+  at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t i = 0; i < n; ++i) {
+        float sum = acc_ptr[r * ld + i];
+        for (int64_t s = 1; s < splits; ++s) sum += acc_ptr[(s * m + r) * ld + i];
+        y_ptr[r * n + i] = sum + (bias_ptr ? bias_ptr[i] : 0.0f);
+      }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(duo, m) {
+  m.def(
+      "cpu_sparse_linear(Tensor x, Tensor threshold, Tensor blob, Tensor offsets, Tensor? bias, Tensor? dense_handle, "
+      "int out_features, int max_sparse_m, str isa) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(duo, CPU, m) { m.impl("cpu_sparse_linear", &cpu_sparse_linear); }

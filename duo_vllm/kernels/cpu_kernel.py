@@ -1,0 +1,218 @@
+"""The CPU dual-sparse kernel (fp32): ``torch.ops.duo.cpu_sparse_linear``, its format and its build.
+
+The C++ source (``cpu_kernel.cpp``, format described there) is compiled on first use by torch's
+extension builder into ``~/.cache/duo-vllm/cpu_kernel/`` (``DUO_CPU_KERNEL_CACHE`` overrides) and
+loaded as a torch op library; ``make setup`` builds it once so that no server pays the compile.
+
+One op serves every batch size, so the choice never depends on Python control flow that
+torch.compile would freeze: up to ``max_sparse_m`` tokens it runs the sparse kernel (only the weights
+of live input channels, only the nonzeros, threads over 32-output tiles, fp32 accumulation in
+channel order); above it, the thresholded x goes through vLLM's own oneDNN GEMM (the one vLLM's
+dense model uses) when a handle is given. The crossover comes from ``cpu_crossover.json``, measured by
+``benchmarks/cpu_kernel_bench.py --write-table`` and keyed by the CPU's model name.
+
+Instruction set: AVX2 + FMA when the CPU has them (torch's own CPU capability check; the C++ side
+checks again), else a portable scalar path. ``DUO_CPU_ISA=portable`` forces the portable path.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
+TABLE_PATH = Path(__file__).with_name("cpu_crossover.json")
+WORD = 32  # outputs per mask word
+# Outputs per tile at most. Wide, because skipped reads pay only in long runs: on the 2-core EPYC VMs a
+# random 60 % of 1 KiB chunks took as long to read as all of them, of 4 KiB chunks 0.7 of the time
+# (huge pages; a live channel's segment is about width * (1 - p_w) * 4 bytes). Its accumulators, width
+# floats per token, stay in L2.
+MAX_TILE = 4096
+PAD = 8  # zeros after the last segment: the AVX2 path loads 8 floats from any position
+# No measured crossover for this CPU: the sparse kernel only for single-token decode, where reading
+# fewer bytes wins on any memory-bound machine; everything larger goes to the dense GEMM.
+UNMEASURED_MAX_SPARSE_M = 1
+
+
+class CpuKernelUnavailable(RuntimeError):
+    """The C++ kernel could not be built or loaded here (the message says why)."""
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("DUO_CPU_KERNEL_CACHE") or Path.home() / ".cache" / "duo-vllm" / "cpu_kernel"
+    return Path(root) / f"torch-{torch.__version__}-py{platform.python_version()}"
+
+
+@functools.cache
+def load() -> None:
+    """Compile (once per machine and torch version) and load the op library; raises CpuKernelUnavailable."""
+    from torch.utils import cpp_extension
+
+    build_dir = _cache_dir()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        # -fopenmp: at::parallel_for's OpenMP pragmas; the soname libgomp.so.1 resolves to torch's own
+        # runtime (already loaded), so the kernel shares torch's (and vLLM's bound) threads.
+        cpp_extension.load(name="duo_cpu_kernel", sources=[str(SOURCE)], build_directory=str(build_dir),
+                           extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           is_python_module=False, verbose=False)
+    except Exception as e:  # compiler missing, headers missing, ninja missing, ...
+        raise CpuKernelUnavailable(f"building {SOURCE.name} in {build_dir} failed: {e}") from e
+
+
+def isa() -> str:
+    """'avx2' or 'portable': what the kernel runs with on this CPU."""
+    if os.environ.get("DUO_CPU_ISA") == "portable":
+        return "portable"
+    return "avx2" if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else "portable"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (the key of the crossover table)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@functools.cache
+def _table(path: Path = TABLE_PATH) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def max_sparse_m(n: int, k: int, threads: int | None = None, table: dict | None = None) -> tuple[int, str]:
+    """(largest M the sparse kernel serves for an [N, K] weight, where that number comes from).
+
+    The table holds, per CPU name and thread count, the measured crossover per "NxK" shape and a
+    "default" for shapes it did not measure.
+    """
+    table = _table() if table is None else table
+    threads = torch.get_num_threads() if threads is None else threads
+    by_threads = table.get("cpus", {}).get(cpu_name(), {})
+    entry = by_threads.get(str(threads))
+    if entry is None:
+        return UNMEASURED_MAX_SPARSE_M, f"no crossover measured for {cpu_name()!r} at {threads} threads"
+    if f"{n}x{k}" in entry["shapes"]:
+        return int(entry["shapes"][f"{n}x{k}"]), f"measured for {n}x{k} on {cpu_name()!r}, {threads} threads"
+    return int(entry["default"]), f"measured default on {cpu_name()!r}, {threads} threads"
+
+
+@dataclass
+class CpuPacked:
+    """A weight [N, K] in the kernel's format (see cpu_kernel.cpp): the segments in ``blob`` (float32, mask
+    words bit for bit), their starts ``offsets`` [T, K] (int32), and the instruction set the kernel runs it
+    with (chosen at load time, so nothing is decided while torch.compile traces a call)."""
+
+    blob: torch.Tensor
+    offsets: torch.Tensor
+    out_features: int
+    in_features: int
+    isa: str
+
+    @property
+    def words(self) -> int:
+        return self.tile_width // WORD
+
+    @property
+    def tile_width(self) -> int:
+        return tile_width(self.out_features)
+
+    def nbytes(self) -> int:
+        return self.blob.numel() * 4 + self.offsets.numel() * 4
+
+
+def tile_width(n: int) -> int:
+    """Outputs per tile: the fewest equal tiles of at most MAX_TILE outputs (threads split the input
+    channels of a tile where there are fewer tiles than threads)."""
+    tiles = -(-n // MAX_TILE)
+    return WORD * -(-n // (tiles * WORD))
+
+
+HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
+def _huge_page_zeros(numel: int) -> torch.Tensor:
+    """Zeros, backed by transparent huge pages where the kernel offers them (madvise mode): the kernel's
+    reads jump over dead channels, and with 4 KiB pages every jump is a TLB miss the prefetcher stops at."""
+    out = torch.empty(numel, dtype=torch.float32)
+    start = -(-out.data_ptr() // HUGE_PAGE) * HUGE_PAGE
+    end = (out.data_ptr() + numel * 4) // HUGE_PAGE * HUGE_PAGE
+    if end > start and platform.system() == "Linux":
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
+    return out.zero_()  # first touch after madvise: faulted in as huge pages
+
+
+def pack(weight: torch.Tensor) -> CpuPacked:
+    """The kernel's format of a dense-with-zeros fp32 weight [N, K]."""
+    if weight.dim() != 2 or weight.dtype != torch.float32:
+        raise ValueError(f"the CPU kernel packs float32 [N, K] weights, got {weight.dtype} {tuple(weight.shape)}")
+    n, k = weight.shape
+    width = tile_width(n)
+    tiles, words = -(-n // width), width // WORD
+    rows = torch.zeros(tiles * width, k, dtype=weight.dtype)
+    rows[:n] = weight.detach().cpu()
+    segments = rows.view(tiles, width, k).transpose(1, 2)  # [T, K, width]: tile, input channel, output in tile
+    nonzero = segments != 0
+    bits = nonzero.reshape(tiles, k, words, WORD).to(torch.int64) << torch.arange(WORD, dtype=torch.int64)
+    mask_words = bits.sum(-1).flatten()
+    mask_words = (mask_words - (mask_words >= 2**31).to(torch.int64) * 2**32).to(torch.int32)  # same bits, signed
+    counts = nonzero.sum(-1).flatten()  # nonzeros per segment
+    lengths = counts + words
+    starts = torch.cumsum(lengths, 0) - lengths
+    total = int(lengths.sum()) + PAD
+    if total >= 2**31:
+        raise ValueError(f"weight {tuple(weight.shape)} is too large for int32 offsets")
+    blob = _huge_page_zeros(total)
+    as_int = blob.view(torch.int32)  # integer copies: mask words keep their bits whatever float they spell
+    as_int[(starts[:, None] + torch.arange(words)).flatten()] = mask_words
+    segment_of = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    rank = torch.arange(segment_of.numel()) - (torch.cumsum(counts, 0) - counts)[segment_of]
+    as_int[starts[segment_of] + words + rank] = segments[nonzero].contiguous().view(torch.int32)
+    return CpuPacked(blob, starts.to(torch.int32).view(tiles, k).contiguous(), n, k, isa())
+
+
+def sparse_linear(x: torch.Tensor, threshold: torch.Tensor, packed: CpuPacked, bias: torch.Tensor | None = None,
+                  dense_handle: torch.Tensor | None = None, max_m: int = 2**31 - 1) -> torch.Tensor:
+    """``(x * (|x| > t)) @ W^T + bias`` for fp32 x [..., K] -> [..., N].
+
+    Up to ``max_m`` tokens (or always, without ``dense_handle``) the sparse kernel; above, vLLM's oneDNN
+    GEMM through ``dense_handle`` (the handler tensor of ``vllm._custom_ops.create_onednn_mm``).
+    """
+    lead = x.shape[:-1]
+    y = torch.ops.duo.cpu_sparse_linear(x.reshape(-1, packed.in_features), threshold, packed.blob, packed.offsets,
+                                        bias, dense_handle, packed.out_features, max_m, packed.isa)
+    return y.reshape(*lead, packed.out_features)
+
+
+def _register_fake() -> None:
+    @torch.library.register_fake("duo::cpu_sparse_linear")
+    def _fake(x, threshold, blob, offsets, bias, dense_handle, out_features, max_sparse_m, isa):
+        return x.new_empty(x.shape[0], out_features)
+
+
+@functools.cache
+def ensure_loaded() -> None:
+    """load() plus the op's fake implementation (torch.compile); idempotent."""
+    load()
+    _register_fake()
+
+
+def main() -> None:
+    """`python -m duo_vllm.kernels.cpu_kernel`: build the kernel now (make setup) and say where it is."""
+    ensure_loaded()
+    print(f"duo CPU kernel: built in {_cache_dir()}, isa {isa()}, CPU {cpu_name()!r}")
+
+
+if __name__ == "__main__":
+    main()
