@@ -6,9 +6,10 @@ shapes) the launch the dispatcher would make is compiled ahead of time for sm_90
   registers, spills (local memory), shared memory, programs per SM (occupancy), K splits;
   hot-loop warp instructions per dense weight element = hot-loop body x warps x iterations / (N x K),
     the iterations being ceil(live channels of the split / CHUNK) for the sampled activations;
-  all warp instructions of the launch = every program's straight-line code once (an upper bound: the
-    last-split epilogue is counted for every program) + compaction loop x its steps + hot loop x its
-    iterations + the final split reduction loops once per split;
+  all warp instructions of the launch = every program's straight-line code once (the code after the
+    first EXIT past the hot loop, the last split's epilogue, once per tile) + compaction loop x its
+    steps + hot loop x its iterations + the final split reduction loops' bodies once per split each
+    (an upper bound: they are unrolled);
   bytes = 32-byte sectors of the bitmap format the live channels touch (masks, offsets, values) + x +
     the output. The fp32 split-K partials and the live-channel scratch are L2 traffic, not counted
     (reported as l2_bytes);
@@ -96,8 +97,14 @@ def sass_budget(sass: str) -> dict:
     before = [lp for lp in loops if lp["end"] < hot["start"]]
     after = [lp for lp in loops if lp["start"] > hot["end"]]
     inside = {a for lp in loops for a, _ in instrs if lp["start"] <= a <= lp["end"]}
-    return dict(total=len(instrs), outside=sum(1 for a, _ in instrs if a not in inside), hot=hot["count"],
-                hot_ops=dict(hot["ops"].most_common()), before=[lp["count"] for lp in before],
+    # after the hot loop, the code past the first EXIT runs only in the last split of a tile (the ticket
+    # winner): the final reduction's straight-line part
+    exits = [a for a, i in instrs if a > hot["end"] and opcode(i) == "EXIT"]
+    cut = exits[0] if len(exits) > 1 else max(a for a, _ in instrs)
+    straight = [(a, i) for a, i in instrs if a not in inside]
+    last_block = sum(1 for a, i in straight if a > cut and not (opcode(i) == "BRA" and i.endswith(hex(a))))
+    return dict(total=len(instrs), outside=sum(1 for a, _ in straight if a <= cut), last_block=last_block,
+                hot=hot["count"], hot_ops=dict(hot["ops"].most_common()), before=[lp["count"] for lp in before],
                 after=[lp["count"] for lp in after])
 
 
@@ -160,7 +167,7 @@ def decode_record(tk, comp: Compiler, model: str, linear: str, n: int, k: int, m
     packed = tk._meta_packed(n, k, dt, block_n, p_w)
     x, t = torch.empty(m, k, dtype=dt, device="meta"), torch.empty(1, device="meta")
     first = comp(tk.decode_call(x, t, packed, None, slots=SMS * 4)[1])  # registers do not depend on the split
-    occupancy = tk.programs_per_sm(first["registers"], tk.DECODE_WARPS, first["shared"])
+    occupancy = tk.programs_per_sm(first["registers"], tk.decode_warps(m), first["shared"])
     _, launch = tk.decode_call(x, t, packed, None, slots=SMS * occupancy)
     r = comp(launch)
     kernel, (tiles, splits), args, cst, warps = launch
@@ -175,7 +182,8 @@ def decode_record(tk, comp: Compiler, model: str, linear: str, n: int, k: int, m
         scans += -(-(hi - lo) // cst["SCAN"])
     compact = sum(b["before"])  # per SCAN step
     reduce_per_split = sum(b["after"])  # conservative: every reduction loop body once per split
-    per_tile = splits * b["outside"] + scans * compact + hot_iters * b["hot"] + splits * reduce_per_split
+    per_tile = (splits * b["outside"] + b["last_block"] + scans * compact + hot_iters * b["hot"]
+                + splits * reduce_per_split)
     warp_instr = tiles * per_tile * warps
     hot_instr = tiles * hot_iters * b["hot"] * warps
     elem = dt.itemsize
@@ -191,6 +199,7 @@ def decode_record(tk, comp: Compiler, model: str, linear: str, n: int, k: int, m
                 spills=r["local"], stack=r["stack"], shared=r["shared"], num_warps=warps, programs_per_sm=occupancy,
                 grid=[tiles, splits], k_per_split=k_per_split, chunk=cst["CHUNK"], hot_loop_instr=b["hot"],
                 hot_loop_ops=b["hot_ops"], compaction_instr=compact, outside_instr=b["outside"],
+                last_block_instr=b["last_block"],
                 instr_per_visited_element=b["hot"] * warps / (cst["CHUNK"] * block_n),
                 warp_instr_per_element=hot_instr / (n * k), all_warp_instr_per_element=warp_instr / (n * k),
                 bytes_per_element=hbm / (n * k), useful_bytes_per_element=(useful + io) / (n * k),

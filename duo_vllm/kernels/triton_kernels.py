@@ -167,12 +167,14 @@ def _popc(v, INTERP: tl.constexpr):
         return libdevice.popc(v)
 
 
-@triton.jit
+# splits / k_per_split are not specialized (divisibility by 16 changed the hot loop's layouts once; the
+# code must not depend on how the K range is cut)
+@triton.jit(do_not_specialize=["k_per_split", "splits"])
 def _decode_kernel(x_ptr, t_ptr, vals_ptr, masks_ptr, offs_ptr, bias_ptr, out_ptr, ws_ptr, list_ptr, xs_ptr,
                    ticket_ptr, M, N, K, stride_xm, stride_xk, k_per_split, splits,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SCAN: tl.constexpr,
                    SKIP_CHANNELS: tl.constexpr, DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   INTERP: tl.constexpr):
+                   SHARE_WORDS: tl.constexpr, INTERP: tl.constexpr):
     NW: tl.constexpr = BLOCK_N // 32
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -224,7 +226,16 @@ def _decode_kernel(x_ptr, t_ptr, vals_ptr, masks_ptr, offs_ptr, bias_ptr, out_pt
         start = tl.load(offs_ptr + seg)
         seg3 = seg[None, :, None]
         # every lane loads the words of its segments (one request per warp: all lanes read the same address)
-        w3 = tl.load(masks_ptr + seg3 * NW + rj[:, None, None])  # [NW, CHUNK, 1]
+        wp = masks_ptr + seg3 * NW + rj[:, None, None]
+        if SHARE_WORDS:
+            # one warp per program: the [NW, CHUNK, 1] load is spread over the lanes (one word each), the
+            # per-word popcount / prefix is done once, and the lanes that need it get it through shared
+            # memory; with one warp the barrier of that exchange is warp-local
+            w3 = tl.load(wp)
+        else:
+            # several warps: loaded at the full [NW, CHUNK, 32] shape (same address on all lanes), so it
+            # keeps the hot loop's layout and needs no cross-warp exchange (no CTA barrier in the loop)
+            w3 = tl.load(tl.broadcast_to(wp, (NW, CHUNK, 32)))
         cnt = _popc(w3, INTERP)
         base = start[None, :, None] + tl.cumsum(cnt, axis=0) - cnt        # first value of each word
         rank = base + _popc(w3 & below[None, None, :], INTERP)
@@ -358,11 +369,14 @@ def _run(out: torch.Tensor, calls: list[tuple]) -> torch.Tensor:
 
 DECODE_MAX_M = 16
 SCAN = 128  # channels per compaction step
-DECODE_WARPS = 4
-# decode batch (padded to a power of two) -> channels per hot-loop iteration. From the sm_90 SASS
-# (benchmarks/kernel_static.py): the most elements per iteration that stay well inside the register
-# file (no spills, >= 4 programs per SM); more tokens need more accumulator registers per channel.
-DECODE_CHUNK = {1: 16, 2: 8, 4: 8, 8: 4, 16: 4}
+# decode batch (padded to a power of two) -> (channels per hot-loop iteration, warps per program). From
+# the sm_90 SASS (benchmarks/kernel_static.py): the most elements per thread and iteration without
+# spills. M <= 2: one warp per program, 8 channels x 4 words per thread, the per-word work shared over
+# the lanes (SHARE_WORDS); M = 1 then needs 128 registers (16 programs = 16 warps per SM) and issues
+# 0.34 warp instructions per visited element (4 warps x 16 channels with every lane doing its own word
+# work: 40 registers, 0.42). Larger M: 4 warps, words broadcast; more tokens need more accumulator
+# registers per channel, so fewer channels per iteration.
+DECODE_CONFIG = {1: (8, 1), 2: (8, 1), 4: (16, 4), 8: (4, 4), 16: (4, 4)}
 H100_SMS = 132
 
 
@@ -390,8 +404,13 @@ def decode_split(n_tiles: int, k: int, slots: int, split_k: int | None = None,
 
 def decode_constexprs(m: int, block_n: int, skip_channels: bool, direct: bool, has_bias: bool) -> dict:
     block_m = triton.next_power_of_2(m)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=DECODE_CHUNK[block_m], SCAN=SCAN,
-                SKIP_CHANNELS=skip_channels, DIRECT=direct, HAS_BIAS=has_bias, INTERP=_interpreting())
+    chunk, warps = DECODE_CONFIG[block_m]
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=chunk, SCAN=SCAN, SKIP_CHANNELS=skip_channels,
+                DIRECT=direct, HAS_BIAS=has_bias, SHARE_WORDS=warps == 1, INTERP=_interpreting())
+
+
+def decode_warps(m: int) -> int:
+    return DECODE_CONFIG[triton.next_power_of_2(m)][1]
 
 
 @functools.cache
@@ -403,7 +422,7 @@ def _decode_registers(device_index: int, block_n: int, block_m: int, skip: bool,
     x = torch.empty(block_m, 32, dtype=dtype, device=dev)
     i32, f32 = torch.empty(64, dtype=torch.int32, device=dev), torch.empty(64, dtype=torch.float32, device=dev)
     compiled = _decode_kernel.warmup(x, f32, x, i32, i32, x, x, f32, i32, f32, i32,
-                                     block_m, 32, 32, 32, 1, 32, 1, grid=(1,), **cst, num_warps=DECODE_WARPS)
+                                     block_m, 32, 32, 32, 1, 32, 1, grid=(1,), **cst, num_warps=decode_warps(block_m))
     compiled._init_handles()
     return int(compiled.n_regs)
 
@@ -422,7 +441,7 @@ def decode_call(x: torch.Tensor, threshold: torch.Tensor, packed: PackedWeight, 
         if x.device.type == "cuda":
             regs = _decode_registers(x.device.index or 0, block_n, triton.next_power_of_2(m), skip_channels,
                                      False, bias is not None, x.dtype)
-            slots = _num_sms(x.device.index or 0) * programs_per_sm(regs, DECODE_WARPS)
+            slots = _num_sms(x.device.index or 0) * programs_per_sm(regs, decode_warps(m))
         else:
             slots = 8
     splits, k_per_split = decode_split(tiles, k, slots, split_k)
@@ -439,7 +458,7 @@ def decode_call(x: torch.Tensor, threshold: torch.Tensor, packed: PackedWeight, 
     xs = torch.empty(splits * slots_per_split * cst["BLOCK_M"], dtype=torch.float32, device=x.device)
     args = (x, threshold, packed.values, packed.masks, packed.offsets, bias if bias is not None else out, out,
             workspace, live, xs, packed.tickets, m, n, k, x.stride(0), x.stride(1), k_per_split, splits)
-    return out, (_decode_kernel, (tiles, splits), args, cst, DECODE_WARPS)
+    return out, (_decode_kernel, (tiles, splits), args, cst, decode_warps(m))
 
 
 def bitmap_matmul(x: torch.Tensor, threshold: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None,
@@ -501,7 +520,11 @@ def aot_compile(launch: tuple, arch: int = 90) -> dict:
     kernel, grid, args, constexprs, num_warps = launch
     consts = dict(constexprs)
     signature, attrs = {}, {}
+    fixed = set(kernel.do_not_specialize)
     for i, (arg_name, arg) in enumerate(zip(kernel.arg_names, args)):
+        if isinstance(arg, int) and (i in fixed or arg_name in fixed):
+            signature[arg_name] = "i32"
+            continue
         if isinstance(arg, int) and arg == 1:  # triton specializes 1 into a constant
             consts[arg_name] = 1
             continue

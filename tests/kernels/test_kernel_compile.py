@@ -27,7 +27,9 @@ for dtype in (torch.bfloat16, torch.float16):
         report["resources"].append(dict(r, dtype=str(dtype)))
 p = tk._meta_packed(12288, 4096, torch.bfloat16)
 x, t = torch.empty(1, 4096, dtype=torch.bfloat16, device="meta"), torch.empty(1, device="meta")
-launches = {"decode": tk.decode_call(x, t, p, None, slots=132 * 12)[1],
+x4 = torch.empty(4, 4096, dtype=torch.bfloat16, device="meta")
+launches = {"decode": tk.decode_call(x, t, p, None, slots=132 * 16)[1],
+            "decode4": tk.decode_call(x4, t, p, None, slots=132 * 5)[1],
             "v0": tk._calls(tk._bitmap_kernel, (p.values, p.masks, p.offsets), x, t, 12288, 128, None, None, None, 2,
                             SKIP_CHANNELS=True)[1][0]}
 for name, launch in launches.items():
@@ -61,25 +63,32 @@ def test_every_variant_compiles_without_spills(report):
     for r in rows:
         assert r["local"] == 0 and r["stack"] == 0, f"register spills to local memory: {r}"
         assert r["registers"] <= 255, r
-    # occupancy the split-K sizing relies on: >= 4 programs of 4 warps per SM at every decode M
+    # occupancy: >= 8 warps per SM at every decode M
+    sys.path.insert(0, str(ROOT))
+    from duo_vllm.kernels.triton_kernels import programs_per_sm
+
     for r in rows:
         if r["kernel"] == "_decode_kernel":
-            assert r["registers"] <= 128, r
+            assert programs_per_sm(r["registers"], r["num_warps"]) * r["num_warps"] >= 8, r
 
 
 def test_decode_hot_loop_budget(report):
-    """The decode hot loop at M = 1: no block-wide scan or shared-memory traffic per iteration, one value
-    gather and one FMA per element, and at most 0.45 warp instructions per element it visits."""
+    """The decode hot loop at M = 1: one warp per program (its one shared-memory exchange per iteration has
+    a warp-local barrier), one value gather and one FMA per element, at most 0.36 warp instructions per
+    element it visits; with 4 warps (M = 4) no barrier, shuffle or shared memory in the loop at all."""
     hot = report["hot"]["decode"]
     ops = hot["hot_ops"]
+    assert hot["num_warps"] == 1 and ops.get("BAR", 0) <= 2
+    four = report["hot"]["decode4"]
+    assert four["num_warps"] == 4
     for op in ("BAR", "SHFL", "LDS", "STS"):
-        assert op not in ops, f"{op} in the decode hot loop: {ops}"
+        assert op not in four["hot_ops"], f"{op} in the 4-warp decode hot loop: {four['hot_ops']}"
     cst = hot["constexprs"]
     per_thread = cst["CHUNK"] * cst["BLOCK_N"] // (32 * hot["num_warps"])
     assert ops["FFMA"] == per_thread  # one FMA per element (predicated where the bit is clear)
     assert ops["POPC"] <= 2 * per_thread
     per_element = hot["hot"] * hot["num_warps"] / (cst["CHUNK"] * cst["BLOCK_N"])
-    assert per_element <= 0.45, (per_element, hot)
+    assert per_element <= 0.36, (per_element, hot)
     # the same parser on the previous kernel finds its per-iteration cumsum (the check can fail)
     old = report["hot"]["v0"]
     assert old["hot_ops"].get("BAR", 0) > 0 and old["hot_ops"].get("SHFL", 0) > 0

@@ -45,7 +45,7 @@ def test_sass_parser():
     loops = ks.find_loops(instrs)
     assert [(lp["start"], lp["end"], lp["count"]) for lp in loops] == [(0x20, 0x50, 4), (0x60, 0x70, 2)]
     b = ks.sass_budget(SASS)
-    assert (b["hot"], b["before"], b["after"], b["outside"]) == (4, [], [2], 3)
+    assert (b["hot"], b["before"], b["after"], b["outside"], b["last_block"]) == (4, [], [2], 3, 0)
     assert b["hot_ops"] == {"LDG": 1, "FFMA": 1, "POPC": 1, "BRA": 1}
 
 
