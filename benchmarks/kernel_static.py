@@ -197,7 +197,7 @@ def decode_record(tk, comp: Compiler, model: str, linear: str, n: int, k: int, m
     return dict(kernel="decode", model=model, linear=linear, shape=f"{n}x{k}", n=n, k=k, M=m, dtype=dtype,
                 p_w=p_w, p_x=p_x, live_fraction=float(live.float().mean()), registers=r["registers"],
                 spills=r["local"], stack=r["stack"], shared=r["shared"], num_warps=warps, programs_per_sm=occupancy,
-                grid=[tiles, splits], k_per_split=k_per_split, chunk=cst["CHUNK"], hot_loop_instr=b["hot"],
+                grid=f"{tiles}x{splits}", k_per_split=k_per_split, chunk=cst["CHUNK"], hot_loop_instr=b["hot"],
                 hot_loop_ops=b["hot_ops"], compaction_instr=compact, outside_instr=b["outside"],
                 last_block_instr=b["last_block"],
                 instr_per_visited_element=b["hot"] * warps / (cst["CHUNK"] * block_n),
@@ -316,7 +316,7 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {r['kernel']} | {r['model']} | {r['linear']} | {r['shape']} | {r['M']} | {r['dtype']} | {r['p_w']} | "
             f"{r['p_x']} | {r['registers']} | {r['spills']} | {r.get('programs_per_sm', '–')} | "
-            f"{'×'.join(map(str, r['grid'])) if 'grid' in r else '–'} | {r['hot_loop_instr']} | "
+            f"{r.get('grid', '–')} | {r['hot_loop_instr']} | "
             f"{r['instr_per_visited_element']:.3f} | {r['warp_instr_per_element']:.3f} | {r['bytes_per_element']:.3f} | "
             f"{r['implied_us']:.2f} | {r['dense_us']:.2f} | {r['ratio']:.3f} | {r['bound']} |")
     return "\n".join(lines) + "\n"
@@ -359,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                   date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                   machine=machine(), triton=triton.__version__, bandwidth=BANDWIDTH, issue_rate=ISSUE_RATE,
                   records=records)
+    # the hot loops' instruction mix, once per compiled variant (the records stay flat)
+    result["hot_loop_ops"] = {f"{r['kernel']} M={r['M']} {r['dtype']}": r.pop("hot_loop_ops") for r in records}
     result["summary"] = summary(records)
     from calibrate.files import write_json_atomic, write_text_atomic
 

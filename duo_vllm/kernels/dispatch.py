@@ -13,9 +13,10 @@ any CPU caller; the project's CPU serving kernel is a separate seam.
 Crossovers come from a measured table (``benchmarks/kernel_bench.py --write-table``), JSON:
   {"device": "...", "p_w": 0.5, "p_x": 0.5, "shapes": {"<N>x<K>": {"<M>": "<path>", ...}, ...}}
 an M uses the entry of the smallest measured M >= it; shapes or M beyond the table use the default.
-DEFAULT, UNTIL GPU MEASUREMENTS EXIST: "dual" for M <= 16, else "dense" (or "wsparse" without a dense
-copy, the default). It comes from the static sm_90 model (benchmarks/kernel_static.py), not a
-measurement; at M = 16 that model has the decode kernel issue-bound, near dense speed.
+DEFAULT, UNTIL GPU MEASUREMENTS EXIST, from the static sm_90 model (benchmarks/kernel_static.py), not a
+measurement: "dual" for M <= 4 (model at W50+X50: 0.35x dense time at M = 1, 0.53x at 2, 0.95x at
+4), beyond that "dense" if a dense copy is kept; without one (the default) "dual" up to M = 16 (the
+model has it issue-bound there, 1.3-1.8x dense) and "wsparse" (the tl.dot kernel) beyond.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from duo_vllm.format import apply_threshold
 from duo_vllm.kernels.packing import PackedWeight, unpack_weight
 
 PATHS = ("dual", "wsparse", "dense")
-DEFAULT_DUAL_MAX_M = 16
+DEFAULT_DUAL_MAX_M = 4  # with a dense copy kept; without one the decode kernel serves M <= 16
 # the table the benchmark writes and the lead commits; DUO_CROSSOVER_TABLE overrides the location
 TABLE_PATH = Path(os.environ.get("DUO_CROSSOVER_TABLE", Path(__file__).with_name("crossover.json")))
 
@@ -64,7 +65,8 @@ def choose_path(m: int, n: int, k: int, has_dense: bool = True,
             path = p
             break
     if path is None:
-        path = "dual" if m <= DEFAULT_DUAL_MAX_M else "dense"
+        dual_max = DEFAULT_DUAL_MAX_M if has_dense else 16
+        path = "dual" if m <= dual_max else "dense"
     if path == "dense" and not has_dense:
         path = "wsparse"
     return path

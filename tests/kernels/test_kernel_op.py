@@ -14,8 +14,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is dep
 
 
 def test_default_dispatch():
-    assert [choose_path(m, 4096, 4096, table={}) for m in (1, 4, 16, 17, 512)] == ["dual"] * 3 + ["dense"] * 2
-    assert choose_path(512, 4096, 4096, has_dense=False, table={}) == "wsparse"
+    assert [choose_path(m, 4096, 4096, table={}) for m in (1, 4, 5, 512)] == ["dual"] * 2 + ["dense"] * 2
+    assert [choose_path(m, 4096, 4096, has_dense=False, table={}) for m in (1, 16, 17, 512)] == \
+        ["dual"] * 2 + ["wsparse"] * 2
 
 
 def test_table_dispatch(tmp_path):
