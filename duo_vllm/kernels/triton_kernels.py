@@ -13,17 +13,21 @@ tiles, K splits), one M block. Each program:
      live channel at x = 0 so the hot loop needs no masks. Every tile of a split writes the same values
      (a benign, identical-value race), so no pre-pass launch is needed;
   2. loops over the live channels only, CHUNK at a time: tensors are [words, channels, bits] with the
-     32 lanes on the bits of a mask word and the warps on channels, so each thread holds the NW words
-     of its segment and computes the per-word prefix counts itself (popcount, no communication); the
-     word is one uniform-address load per warp; the value of output b is the predicated 2-byte
-     gather vals[offset + prefix + popc(word & (2^b - 1))], which the coalescer turns into the same
-     full-sector requests a contiguous vector load would issue (placing vector-loaded values in
-     output order would cost a shuffle per value);
+     32 lanes on the bits of a mask word and the warps on channels; the value of output b is the 2-byte
+     gather vals[offset + prefix(word) + popc(word & (2^b - 1))], unmasked (a clear bit reads the next
+     stored value and its FMA is predicated off), which the coalescer turns into the same full-sector
+     requests a contiguous vector load would issue (placing vector-loaded values in output order would
+     cost a shuffle per value). Per-word work (mask load, popcount, prefix): with one warp per program
+     (M <= 2) done once per word, spread over the lanes, and handed over through shared memory behind a
+     warp-local barrier; with 4 warps every lane loads its words (one broadcast request per warp) and
+     counts them itself, so there is no CTA barrier, shuffle or shared memory in the loop;
   3. with one split, stores the output; with more, stores its fp32 partial [M, BLOCK_N] into the
      workspace [splits, M, N], takes a ticket (atomic, acq_rel, per output tile) and, if it is the
      last split of the tile, sums the splits in index order (deterministic, no second launch), adds
      the bias, stores the output and resets the ticket to 0 for the next launch.
-K splits are sized from occupancy (registers x threads per SM) so one wave fills the GPU.
+K splits are sized from occupancy (registers x threads per SM) so one wave fills the GPU, with at
+least 256 channels per split. Fused q/k/v and gate/up are single vLLM linears (one packed weight, one
+launch), so x is read and its live channels compacted once per group, not once per projection.
 
 Prefill / M > 16 (``_bitmap_kernel``): "load sparse, compute dense": BLOCK_K channels per iteration are
 expanded from the bitmap into a dense tile in registers and multiplied with tl.dot (tensor cores), so
