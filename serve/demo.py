@@ -1,12 +1,17 @@
-"""The end of `make demo`: serve a duo checkpoint, ask it one question through the OpenAI client, stop it.
+"""The end of `make demo`: serve a duo checkpoint, ask it one question through the OpenAI client, time
+its decoding, stop it; then (with --dense) the same timing for the dense model, and both speeds side by side.
 
-    python -m serve.demo CKPT [--port 8765] [--question "..."]
+    python -m serve.demo CKPT [--dense MODEL_DIR] [--port 8765] [--question "..."]
+
+The timing is one streamed completion of --decode-tokens tokens (greedy, ignore_eos): milliseconds per
+output token after the first. A quick look, not the benchmark (benchmarks/serve_bench.py is).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
 
 from serve import chat
 from serve.server import ServerProcess, console_script
@@ -14,23 +19,61 @@ from serve.server import ServerProcess, console_script
 DEFAULT_QUESTION = "What is the capital of France? Answer in one sentence."
 
 
+def decode_ms_per_token(base_url: str, model: str, tokens: int, api_key: str = "unused") -> tuple[float, int]:
+    """(milliseconds between streamed output tokens, tokens received) of one greedy completion."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key=api_key)
+    stamps = []
+    stream = client.completions.create(model=model, prompt="The history of the city begins", max_tokens=tokens,
+                                       temperature=0, stream=True, extra_body={"ignore_eos": True},
+                                       stream_options={"include_usage": True})
+    received = 0
+    for chunk in stream:
+        if chunk.choices:
+            stamps.append(time.perf_counter())
+        if chunk.usage is not None:
+            received = chunk.usage.completion_tokens
+    return (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1) * 1e3, received
+
+
+def _serve(cmd: list[str], port: int) -> ServerProcess:
+    print("+", " ".join(cmd), flush=True)
+    return ServerProcess(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1"), port=port)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="duo-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--question", default=DEFAULT_QUESTION)
+    p.add_argument("--dense", default=None, help="the dense model the checkpoint came from: time it too")
+    p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--timeout", type=float, default=900, help="seconds to wait for the server to start")
     args = p.parse_args(argv)
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    cmd = [*console_script("duo-serve", "serve.launch"), args.ckpt, "--served-model-name", "duo",
-           "--max-model-len", "2048"]
-    print("+", " ".join(cmd), flush=True)
-    with ServerProcess(cmd, env=env, port=args.port) as server:
+    common = ["--max-model-len", "2048"]
+    with _serve([*console_script("duo-serve", "serve.launch"), args.ckpt, "--served-model-name", "duo", *common],
+                args.port) as server:
         server.wait_ready(args.timeout)
         print(f"\nuser: {args.question}\nassistant: ", end="", flush=True)
         status = chat.main(["--base-url", f"{server.base_url}/v1", "--model", "duo", "--max-tokens", "64",
                             args.question])
+        speeds = {"duo": decode_ms_per_token(f"{server.base_url}/v1", "duo", args.decode_tokens)[0]}
     print("server stopped", flush=True)
+    if args.dense:
+        # the dense model under the same settings duo-serve uses (CPU builds: float32, eager)
+        from serve.launch import cpu_defaults, is_cpu_build
+
+        cpu = cpu_defaults(common, os.environ) if is_cpu_build() else []
+        with _serve([sys.executable, "-m", "serve.vllm_cli", "serve", args.dense, "--served-model-name", "dense",
+                     *common, *cpu], args.port) as server:
+            server.wait_ready(args.timeout)
+            speeds["dense"] = decode_ms_per_token(f"{server.base_url}/v1", "dense", args.decode_tokens)[0]
+        print("dense server stopped", flush=True)
+    line = ", ".join(f"{name} {ms:.1f} ms/token" for name, ms in speeds.items())
+    if "dense" in speeds:
+        line += f" (duo/dense {speeds['duo'] / speeds['dense']:.2f}x)"
+    print(f"decode speed, {args.decode_tokens} tokens, one request: {line}", flush=True)
     return status
 
 
