@@ -24,9 +24,14 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import vllm._custom_ops as vllm_ops
 from torch.nn import Parameter
+from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm, dispatch_unquantized_gemm
+from vllm.platforms import current_platform
 
+from duo_vllm import kernels
 from duo_vllm.format import apply_threshold
+from duo_vllm.kernels import cpu_kernel
 
 logger = logging.getLogger("vllm.duo")
 
@@ -74,22 +79,19 @@ class TorchKernel(DuoLinearKernel):
 
     name = "torch"
 
+    def __init__(self) -> None:
+        self.gemm = dispatch_unquantized_gemm()  # the platform's dense GEMM, as vLLM's dense layers call it
+
     @classmethod
     def can_implement(cls, spec: LayerSpec) -> tuple[bool, str | None]:
         return True, None
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        from vllm.platforms import current_platform
-
         if current_platform.is_cpu():
-            from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-
             dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        from vllm.model_executor.layers.utils import dispatch_unquantized_gemm
-
-        return dispatch_unquantized_gemm()(layer, apply_threshold(x, layer.input_threshold), layer.weight, bias)
+        return self.gemm(layer, apply_threshold(x, layer.input_threshold), layer.weight, bias)
 
 
 class CpuSparseKernel(DuoLinearKernel):
@@ -108,12 +110,8 @@ class CpuSparseKernel(DuoLinearKernel):
             return False, f"device is {spec.device.type}, not cpu"
         if spec.dtype != torch.float32:
             return False, f"dtype is {spec.dtype}; the CPU kernel is float32 only"
-        import vllm._custom_ops as vllm_ops
-
         if not vllm_ops._supports_onednn:
             return False, "this vLLM build has no oneDNN GEMM (the kernel's path above the crossover)"
-        from duo_vllm.kernels import cpu_kernel
-
         try:
             cpu_kernel.ensure_loaded()
         except cpu_kernel.CpuKernelUnavailable as e:
@@ -121,10 +119,6 @@ class CpuSparseKernel(DuoLinearKernel):
         return True, None
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        import vllm._custom_ops as vllm_ops
-
-        from duo_vllm.kernels import cpu_kernel
-
         weight = layer.weight.data
         self.packed = cpu_kernel.pack(weight)
         self.max_sparse_m, source = cpu_kernel.max_sparse_m(*weight.shape)
@@ -134,8 +128,6 @@ class CpuSparseKernel(DuoLinearKernel):
         _free_weight(layer)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        from duo_vllm.kernels import cpu_kernel
-
         return cpu_kernel.sparse_linear(x, layer.input_threshold, self.packed, bias,
                                         self.dense_gemm.handler_tensor, self.max_sparse_m)
 
@@ -152,21 +144,15 @@ class TritonKernel(DuoLinearKernel):
     def can_implement(cls, spec: LayerSpec) -> tuple[bool, str | None]:
         if spec.device.type != "cuda":
             return False, f"device is {spec.device.type}, not cuda"
-        from duo_vllm.kernels import can_serve
-
-        return can_serve((spec.out_features, spec.in_features), spec.dtype, spec.device)
+        return kernels.can_serve((spec.out_features, spec.in_features), spec.dtype, spec.device)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        from duo_vllm.kernels import pack_weight
-
-        self.packed = pack_weight(layer.weight.data)
+        self.packed = kernels.pack_weight(layer.weight.data)
         if self.packed.dense is None:
             _free_weight(layer)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        from duo_vllm.kernels import dual_sparse_linear
-
-        return dual_sparse_linear(x, layer.input_threshold, self.packed, bias)
+        return kernels.dual_sparse_linear(x, layer.input_threshold, self.packed, bias)
 
 
 KERNELS: tuple[type[DuoLinearKernel], ...] = (TritonKernel, CpuSparseKernel, TorchKernel)
