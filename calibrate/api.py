@@ -34,7 +34,7 @@ def calibrate(
     device: torch.device | str | None = None,
     force: bool = False,
 ) -> Path:
-    """Prune and threshold-calibrate a LLaMA checkpoint; write the duo checkpoint atomically to out_dir."""
+    """Prune and threshold-calibrate a checkpoint of a supported family; write the duo checkpoint atomically to out_dir."""
     device = torch.device(device) if device else default_device()
     out = Path(out_dir)
     if out.exists() and not force:

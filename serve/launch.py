@@ -16,9 +16,9 @@ from pathlib import Path
 
 from duo_vllm.format import (
     QUANT_METHOD,
-    SUPPORTED_ARCHITECTURES,
     DuoConfig,
     DuoFormatError,
+    check_architecture,
     check_thresholds,
     load_thresholds,
     read_config,
@@ -36,11 +36,7 @@ def check_checkpoint(ckpt: str | os.PathLike) -> DuoConfig:
         raise DuoFormatError(f"{ckpt}: not a directory (duo-serve takes a local duo checkpoint)")
     cfg = read_config(path)
     config = json.loads((path / "config.json").read_text())
-    archs = config.get("architectures") or []
-    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        raise DuoFormatError(
-            f"{path / 'config.json'}: architecture {archs} is not supported ({', '.join(SUPPORTED_ARCHITECTURES)})"
-        )
+    check_architecture(config, str(path / "config.json"))
     num_layers = config.get("num_hidden_layers")
     if not isinstance(num_layers, int):
         raise DuoFormatError(f"{path / 'config.json'}: num_hidden_layers missing")

@@ -43,14 +43,29 @@ def test_invalid_model_dir(tmp_path, capsys):
     assert_nothing_written(out)
 
 
-def test_non_llama_architecture(tmp_path, capsys):
-    model = tmp_path / "gpt2"
+@pytest.mark.parametrize("arch,model_type", [("GPT2LMHeadModel", "gpt2"), ("GemmaForCausalLM", "gemma")])
+def test_unsupported_architecture(tmp_path, capsys, arch, model_type):
+    model = tmp_path / model_type
     model.mkdir()
-    (model / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    (model / "config.json").write_text(json.dumps({"architectures": [arch], "model_type": model_type}))
     out = tmp_path / "ckpt"
     code, err = run_cli(cli.main, ["--model", str(model), "--out", str(out)], capsys)
-    assert code == 2 and "GPT2LMHeadModel" in err and "supported: LlamaForCausalLM" in err
+    supported = "supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"
+    assert code == 2 and arch in err and supported in err and "config.json" in err
     assert_nothing_written(out)
+    code, err = run_cli(cli.main, ["prepare-model", str(model), "--out", str(out)], capsys)
+    assert code == 2 and arch in err and supported in err
+    assert_nothing_written(out)
+
+
+def test_qwen2_with_mixed_attention_types_is_refused(tmp_path, capsys):
+    model = tmp_path / "qwen2"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": True,
+        "layer_types": ["full_attention", "sliding_attention"]}))
+    code, err = run_cli(cli.main, ["--model", str(model), "--out", str(tmp_path / "ckpt")], capsys)
+    assert code == 2 and "mix attention types" in err
 
 
 @pytest.mark.parametrize("flag,value", [("--weight-sparsity", "1.0"), ("--act-sparsity", "-0.1"),
@@ -103,6 +118,8 @@ def test_console_script_prints_no_traceback(tmp_path):
 def test_shaped_model_needs_out(capsys):
     code, err = run_cli(cli.main, ["prepare-model", "--shape", "llama2-7b"], capsys)
     assert code == 2 and "--shape llama2-7b needs --out DIR" in err
+    code, err = run_cli(cli.main, ["prepare-model", "model.gguf"], capsys)
+    assert code == 2 and "SOURCE model.gguf needs --out DIR" in err
 
 
 def test_shaped_model_never_replaces_a_directory(tmp_path, capsys):

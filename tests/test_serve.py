@@ -240,9 +240,11 @@ def main():
     llm = LLM(model=args["ckpt"], quantization="duo", dtype="float32", enforce_eager=True,
               max_model_len=args["max_model_len"], tensor_parallel_size=args["tp"])
     outs = llm.generate([{"prompt_token_ids": p} for p in args["prompts"]],
-                        SamplingParams(temperature=0, max_tokens=args["new_tokens"], ignore_eos=True))
+                        SamplingParams(temperature=0, max_tokens=args["new_tokens"], ignore_eos=True, logprobs=0))
     ranks = llm.apply_model(partial(loaded_state, args["ckpt"]))
-    result = {"tokens": [list(o.outputs[0].token_ids) for o in outs], "ranks": ranks}
+    result = {"tokens": [list(o.outputs[0].token_ids) for o in outs], "ranks": ranks,
+              "logprobs": [[lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
+                           for o in outs]}
     with open(args["out"], "w") as f:
         json.dump(result, f)
 '''
@@ -261,11 +263,11 @@ def _run_llm(ckpt: Path, tp: int, prompts: list[list[int]], workdir: Path) -> di
     return json.loads(out.read_text())
 
 
-def _assert_loaded_state(result: dict, tp: int) -> None:
+def _assert_loaded_state(result: dict, tp: int, layers: int = 30) -> None:
     ranks = sorted(result["ranks"], key=lambda r: r["rank"])
     assert [r["rank"] for r in ranks] == list(range(tp))
     for r in ranks:
-        assert r["problems"] == [] and r["checked"] == 30 * 4, r
+        assert r["problems"] == [] and r["checked"] == layers * 4, r
         assert r["kernels"] == ["cpu"], r  # every decoder linear served by the CPU dual-sparse kernel
         assert (r["embed"], r["lm_head"]) == ("UnquantizedEmbeddingMethod",) * 2, r
 

@@ -30,8 +30,10 @@ def test_check_checkpoint(tmp_path):
     assert launch.check_checkpoint(_fake_checkpoint(tmp_path / "ok")).quant_method == "duo"
     with pytest.raises(DuoFormatError, match="model.layers.1.mlp.up_proj.input_threshold"):
         launch.check_checkpoint(_fake_checkpoint(tmp_path / "hole", skip=threshold_name(1, "mlp.up_proj")))
-    with pytest.raises(DuoFormatError, match="not supported"):
-        launch.check_checkpoint(_fake_checkpoint(tmp_path / "arch", arch="GPT2LMHeadModel"))
+    with pytest.raises(DuoFormatError, match="GemmaForCausalLM.*not supported"):
+        launch.check_checkpoint(_fake_checkpoint(tmp_path / "arch", arch="GemmaForCausalLM"))
+    for arch in ("MistralForCausalLM", "Qwen2ForCausalLM"):
+        assert launch.check_checkpoint(_fake_checkpoint(tmp_path / arch, arch=arch)).quant_method == "duo"
     with pytest.raises(DuoFormatError, match="not a directory"):
         launch.check_checkpoint(tmp_path / "missing")
 
