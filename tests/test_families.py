@@ -146,3 +146,15 @@ def test_duo_serve_agrees_with_the_reference_and_scores(family, prompts, tmp_pat
            for path in (family["model"], ckpt)}
     print(f"{family['name']} perplexity (random weights, vocabulary 49152):", ppl)
     assert all(math.isfinite(v) and 1 < v for v in ppl.values())
+
+
+@torch.no_grad()
+def test_the_mistral_window_is_exercised(smollm2_dir):
+    """The equivalence above covers windowed attention: the prompts outgrow the window, and it matters."""
+    prompts = _prompt_ids(smollm2_dir)  # the same tokenizer as the tiny models'
+    assert min(len(p) for p in prompts) > tiny_models.SLIDING_WINDOW
+    model, _ = tiny_models.tiny_model("mistral")
+    ids = torch.tensor([prompts[0]])
+    windowed = model(ids, use_cache=False).logits
+    model.config.sliding_window = None
+    assert not torch.allclose(model(ids, use_cache=False).logits[0, -1], windowed[0, -1], atol=1e-3)

@@ -14,10 +14,13 @@ from calibrate.models import load_tokenizer, smollm2_gguf
 # head_dim 64 (vLLM's CPU attention serves it), GQA with 2 KV heads, two blocks
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0)
+# shorter than the test prompts (a chat template with its system prompt, ~35 tokens) plus their
+# continuations, so windowed attention is exercised in calibration, the reference and vLLM
+SLIDING_WINDOW = 16
 FAMILIES = {
     # Qwen2: q/k/v biases, tied embeddings (as in Qwen2-0.5B); Mistral: untied, a sliding window
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
-    "mistral": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=4096)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=SLIDING_WINDOW)),
 }
 BIAS_STD = 0.3  # comparable to the q/k/v outputs of a random model: large enough to change every result
 
