@@ -182,16 +182,21 @@ class DuoLinearMethod(LinearMethodBase):
             )
 
     def _check_sparsity(self, layer: torch.nn.Module) -> None:
+        """Each shard's zero fraction matches the config, and every value is finite."""
         # method 'dense' calibrates thresholds only: its weights are unpruned whatever weight_sparsity says
         expected = 0.0 if self.config.method == "dense" else self.config.weight_sparsity
         shards = layer.weight.data.split(self.output_partition_sizes)
         # float32 (vLLM's CPU shared-memory all-reduce has no float64); a ratio needs no more
-        counts = torch.tensor([[float((w == 0).sum()), float(w.numel())] for w in shards])
+        counts = torch.tensor([[float((w == 0).sum()), float(w.numel()), float((~w.isfinite()).sum())]
+                               for w in shards])
         if getattr(layer, "tp_size", 1) > 1:
             # masks need not spread evenly over TP shards (e.g. chosen per column block): count the whole
             # weight. Every rank loads every layer in the same order, so this collective is safe here.
             counts = get_tp_group().all_reduce(counts.to(layer.weight.device)).cpu()
-        for (layer_idx, name), (zeros, numel) in zip(self.linears, counts.tolist()):
+        for (layer_idx, name), (zeros, numel, nonfinite) in zip(self.linears, counts.tolist()):
+            if nonfinite:  # NaN/inf would reach every token's output, silently (empty completions)
+                raise DuoFormatError(
+                    f"duo checkpoint: model.layers.{layer_idx}.{name}.weight has {int(nonfinite)} NaN/inf values")
             found = zeros / numel
             if not expected - SPARSITY_BELOW <= found <= expected + SPARSITY_ABOVE:
                 raise DuoFormatError(

@@ -202,6 +202,16 @@ def test_bad_checkpoint_tensors_are_named(vllm_env, thresholds, weights_sparsity
         qkv.quant_method.process_weights_after_loading(qkv)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_named(vllm_env, value):
+    qkv = _qkv(_config(weight_sparsity=0.5))
+    w = {"q": _pruned(64, 64), "k": _pruned(32, 64), "v": _pruned(32, 64)}
+    w["v"][3, w["v"][3].nonzero()[0]] = value
+    _load(qkv, w, {s: 0.4 for s in "qkv"})
+    with pytest.raises(DuoFormatError, match=r"model\.layers\.2\.self_attn\.v_proj\.weight has 1 NaN/inf values"):
+        qkv.quant_method.process_weights_after_loading(qkv)
+
+
 def test_a_few_extra_zeros_are_accepted(vllm_env):
     # the calibrator zeroes the weights of input channels never active in calibration
     qkv = _qkv(_config(weight_sparsity=0.5))
