@@ -23,6 +23,10 @@ log = logging.getLogger("duo.calibrate")
 QUANTILE_SAMPLE = 1 << 24  # entries kept per group for the threshold quantile (exact below this)
 
 
+class CalibrationError(ValueError):
+    """A block that cannot be calibrated (non-finite weights or statistics); the message names the linear."""
+
+
 class _Stop(Exception):
     """Raised by a capture hook once the wanted input is seen, so the rest of the block is not run."""
 
@@ -159,11 +163,19 @@ def calibrate_blocks(
                 stats.add(x_hat, x_dense.to(device))
             del xs
             act_sparsity = zeros / (stats.tokens * first.in_features)
+            if not (torch.isfinite(stats.H).all() and (stats.G is None or torch.isfinite(stats.G).all())):
+                raise CalibrationError(f"model.layers.{idx}.{names[0]}: NaN/inf in its calibration inputs "
+                                       "(the model's earlier weights or activations overflow)")
 
             for name in names:
                 linear = block.get_submodule(name)
                 W = linear.weight.data
+                if not torch.isfinite(W).all():
+                    raise CalibrationError(f"model.layers.{idx}.{name}.weight holds NaN/inf in the input model")
                 W_new = prune_weight(W, stats, cfg)
+                if not torch.isfinite(W_new).all():
+                    raise CalibrationError(f"model.layers.{idx}.{name}: pruning gave NaN/inf weights "
+                                           f"(ill-conditioned Hessian; try a larger --percdamp than {cfg.percdamp})")
                 err = solver.reconstruction_error(W_new, W, stats)
                 linear.weight.data = W_new.to(W.dtype)
                 thresholds[(idx, name)] = t

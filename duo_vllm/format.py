@@ -163,28 +163,40 @@ def threshold_tensor(value: float) -> torch.Tensor:
 
 
 def load_thresholds(ckpt_dir: str | os.PathLike) -> dict[tuple[int, str], float]:
-    """All input thresholds of a checkpoint, keyed by (layer index, linear name); checked finite and >= 0."""
-    from safetensors import safe_open
+    """All input thresholds of a checkpoint, keyed by (layer index, linear name); each one a finite, >= 0
+    float32 scalar. Every shard's header is read, so a truncated or corrupt shard is named here."""
+    from safetensors import SafetensorError, safe_open
 
     out: dict[tuple[int, str], float] = {}
     files = sorted(Path(ckpt_dir).glob("*.safetensors"))
     if not files:
         raise DuoFormatError(f"{ckpt_dir}: no *.safetensors files")
     for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():
-                key = parse_threshold_name(name)
-                if key is None:
-                    continue
-                value = float(sf.get_tensor(name).float().reshape(-1)[0])
-                if not math.isfinite(value) or value < 0:
-                    raise DuoFormatError(f"{f.name}: threshold {name} = {value} (must be finite and >= 0)")
-                out[key] = value
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for name in sf.keys():
+                    key = parse_threshold_name(name)
+                    if key is None:
+                        continue
+                    t = sf.get_tensor(name)
+                    if t.dtype != torch.float32 or t.dim() != 0:
+                        raise DuoFormatError(f"{f.name}: threshold {name} is {str(t.dtype).removeprefix('torch.')} "
+                                             f"of shape {list(t.shape)} (expected a float32 scalar)")
+                    value = float(t)
+                    if not math.isfinite(value) or value < 0:
+                        raise DuoFormatError(f"{f.name}: threshold {name} = {value} (must be finite and >= 0)")
+                    out[key] = value
+        except SafetensorError as e:
+            raise DuoFormatError(f"{f}: not a readable safetensors file, truncated or corrupt ({e})") from None
     return out
 
 
 def check_thresholds(thresholds: dict[tuple[int, str], float], num_layers: int, source: str) -> None:
     """Every decoder linear has a threshold, and linears sharing an input share it."""
+    beyond = sorted({layer for layer, _ in thresholds if layer >= num_layers})
+    if beyond:
+        raise DuoFormatError(f"{source}: thresholds for layer {beyond[0]}, but config.json has "
+                             f"num_hidden_layers {num_layers}")
     for layer in range(num_layers):
         for group, names in LINEAR_GROUPS.items():
             missing = [n for n in names if (layer, n) not in thresholds]

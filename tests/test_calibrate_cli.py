@@ -128,3 +128,21 @@ def test_shaped_model_never_replaces_a_directory(tmp_path, capsys):
     code, err = run_cli(cli.main, ["prepare-model", "--shape", "llama2-7b", "--layers", "1", "--out", str(tmp_path)], capsys)
     assert code == 2 and "already exists" in err and str(tmp_path) in err
     assert keep.read_text() == "mine"
+
+
+@pytest.mark.parametrize("tensor", ["model.layers.1.mlp.down_proj.weight", "model.layers.0.post_attention_layernorm.weight"])
+def test_nan_in_the_input_model_is_named_and_nothing_written(tmp_path, capsys, tensor):
+    import tiny_models
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_models.write_hf("mistral", tmp_path / "model")
+    weights = load_file(str(model / "model.safetensors"))
+    weights[tensor].view(-1)[0] = float("nan")
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "ckpt"
+    code, err = run_cli(cli.main, ["--model", str(model), "--out", str(out), "--nsamples", "2", "--seqlen", "64"],
+                        capsys)
+    # a NaN norm weight shows first in the inputs of the next group (mlp.gate_proj of block 0)
+    where = tensor if "down_proj" in tensor else "model.layers.0.mlp.gate_proj: NaN/inf in its calibration inputs"
+    assert code == 2 and where in err, err
+    assert_nothing_written(out)

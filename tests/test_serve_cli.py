@@ -38,6 +38,47 @@ def test_check_checkpoint(tmp_path):
         launch.check_checkpoint(tmp_path / "missing")
 
 
+def _rewrite_threshold(path, name, tensor):
+    from safetensors.torch import load_file
+
+    f = path / "duo_thresholds.safetensors"
+    tensors = load_file(str(f))
+    tensors[name] = tensor
+    save_file(tensors, str(f))
+
+
+def test_corrupt_checkpoints_are_named(tmp_path, capsys):
+    # a shard truncated to half (what a full disk or an interrupted copy leaves)
+    ckpt = _fake_checkpoint(tmp_path / "truncated")
+    save_file({"model.layers.0.mlp.down_proj.weight": torch.zeros(64, 64)}, str(ckpt / "model.safetensors"))
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DuoFormatError, match=r"model\.safetensors: not a readable safetensors file"):
+        launch.check_checkpoint(ckpt)
+    assert launch.main([str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("duo-serve: error:") and "model.safetensors" in err and "Traceback" not in err
+    # a shard that is not safetensors at all
+    (ckpt / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(DuoFormatError, match="not a readable safetensors file"):
+        launch.check_checkpoint(ckpt)
+    # thresholds of the wrong shape or dtype
+    name = threshold_name(1, "mlp.down_proj")
+    for bad, what in ((torch.tensor([0.1, 0.1]), "float32 of shape \\[2\\]"),
+                      (torch.tensor(0.1, dtype=torch.float16), "float16 of shape \\[\\]")):
+        ckpt = _fake_checkpoint(tmp_path / f"bad-{bad.dtype}-{bad.dim()}")
+        _rewrite_threshold(ckpt, name, bad)
+        with pytest.raises(DuoFormatError, match=f"threshold {name} is {what} \\(expected a float32 scalar\\)"):
+            launch.check_checkpoint(ckpt)
+    # weights (here: thresholds) for more layers than config.json says
+    ckpt = _fake_checkpoint(tmp_path / "extra-layer", layers=3)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["num_hidden_layers"] = 2
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DuoFormatError, match="thresholds for layer 2, but config.json has num_hidden_layers 2"):
+        launch.check_checkpoint(ckpt)
+
+
 def test_cpu_defaults_yield_to_the_user():
     env: dict[str, str] = {}
     assert launch.cpu_defaults([], env) == ["--dtype", "float32", "--enforce-eager"]
