@@ -209,17 +209,40 @@ def check_thresholds(thresholds: dict[tuple[int, str], float], num_layers: int, 
                 )
 
 
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove the temporary directories that killed writers of `out` left beside it (their pid is gone)."""
+    removed = []
+    for tmp in out.parent.glob(f".{out.name}.tmp-*-*"):
+        pid = tmp.name.removeprefix(f".{out.name}.tmp-").split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 @contextmanager
 def atomic_output_dir(out_dir: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``out_dir``; on success it replaces ``out_dir`` in one rename.
 
-    On any error the temporary directory is removed and ``out_dir`` is left as it was.
+    On any error the temporary directory is removed and ``out_dir`` is left as it was. A writer killed
+    outright (kill -9, OOM killer) leaves its ``.NAME.tmp-PID-*`` directory: the next writer removes it.
     """
     out = Path(out_dir).resolve()
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists (pass --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
     try:
         yield tmp

@@ -146,3 +146,39 @@ def test_nan_in_the_input_model_is_named_and_nothing_written(tmp_path, capsys, t
     where = tensor if "down_proj" in tensor else "model.layers.0.mlp.gate_proj: NaN/inf in its calibration inputs"
     assert code == 2 and where in err, err
     assert_nothing_written(out)
+
+
+def test_kill_9_leaves_no_checkpoint_and_the_next_run_cleans_up(tmp_path, capsys):
+    import signal
+    import time
+
+    import tiny_models
+
+    model = tiny_models.write_hf("qwen2", tmp_path / "model")
+    out = tmp_path / "ckpt"
+    argv = [sys.executable, "-m", "calibrate.cli", "--model", str(model), "--out", str(out),
+            "--nsamples", "4", "--seqlen", "128"]
+    temporaries = lambda: list(tmp_path.glob(".ckpt.tmp-*"))  # noqa: E731
+    # killed while calibrating, then killed while writing the checkpoint directory
+    for moment in ("calibrating", "writing"):
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        if moment == "calibrating":  # the progress bar has started
+            seen = ""
+            while "calibrating" not in seen and time.time() < deadline:
+                chunk = proc.stderr.read(16)
+                if not chunk:
+                    break
+                seen += chunk
+        else:
+            while not temporaries() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, f"{moment}: the run ended before it was killed"
+        assert not out.exists(), moment
+        assert len(temporaries()) == (0 if moment == "calibrating" else 1), moment
+    # the next run removes what the killed writer left, and writes the checkpoint
+    code, err = run_cli(cli.main, argv[3:], capsys)
+    assert code == 0, err
+    assert (out / "config.json").is_file() and temporaries() == []
