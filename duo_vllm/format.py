@@ -209,15 +209,12 @@ def check_thresholds(thresholds: dict[tuple[int, str], float], num_layers: int, 
                 )
 
 
-def remove_stale_temporaries(out: Path) -> list[Path]:
+def remove_stale_temporaries(out: Path) -> None:
     """Remove the temporary directories that killed writers of `out` left beside it (their pid is gone)."""
-    removed = []
     for tmp in out.parent.glob(f".{out.name}.tmp-*-*"):
         pid = tmp.name.removeprefix(f".{out.name}.tmp-").split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-            removed.append(tmp)
-    return removed
 
 
 def _alive(pid: int) -> bool:
