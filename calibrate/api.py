@@ -13,14 +13,13 @@ from safetensors.torch import save_file
 from calibrate import data, models
 from calibrate.sequential import calibrate_blocks
 from duo_vllm.format import (
+    THRESHOLDS_FILE,
     DuoConfig,
     atomic_output_dir,
     threshold_name,
     threshold_tensor,
     write_report,
 )
-
-THRESHOLDS_FILE = "duo_thresholds.safetensors"
 
 
 def default_device() -> torch.device:

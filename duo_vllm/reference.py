@@ -16,6 +16,7 @@ from duo_vllm.format import (
     apply_threshold,
     causal_lm_class,
     check_thresholds,
+    check_weights,
     load_thresholds,
     read_config,
     read_hf_config,
@@ -41,8 +42,10 @@ def attach_thresholds(model: nn.Module, thresholds: dict[tuple[int, str], float]
 def load_reference_model(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A duo checkpoint as its transformers model (e.g. LlamaForCausalLM) with its activation thresholds applied."""
     read_config(ckpt_dir)  # refuses anything that is not a duo checkpoint
-    model = causal_lm_class(read_hf_config(ckpt_dir), str(Path(ckpt_dir) / "config.json")).from_pretrained(
-        str(ckpt_dir), dtype=dtype)
+    config = read_hf_config(ckpt_dir)
+    check_weights(ckpt_dir, config)
+    model = causal_lm_class(config, str(Path(ckpt_dir) / "config.json")).from_pretrained(
+        str(ckpt_dir), dtype=dtype, use_safetensors=True)
     model.eval()
     thresholds = load_thresholds(ckpt_dir)
     check_thresholds(thresholds, model.config.num_hidden_layers, str(ckpt_dir))

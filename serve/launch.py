@@ -9,7 +9,6 @@ environment already says otherwise.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -18,10 +17,11 @@ from duo_vllm.format import (
     QUANT_METHOD,
     DuoConfig,
     DuoFormatError,
-    check_architecture,
     check_thresholds,
+    check_weights,
     load_thresholds,
     read_config,
+    read_hf_config,
 )
 from serve.vllm_cli import run_vllm
 
@@ -35,12 +35,9 @@ def check_checkpoint(ckpt: str | os.PathLike) -> DuoConfig:
     if not path.is_dir():
         raise DuoFormatError(f"{ckpt}: not a directory (duo-serve takes a local duo checkpoint)")
     cfg = read_config(path)
-    config = json.loads((path / "config.json").read_text())
-    check_architecture(config, str(path / "config.json"))
-    num_layers = config.get("num_hidden_layers")
-    if not isinstance(num_layers, int):
-        raise DuoFormatError(f"{path / 'config.json'}: num_hidden_layers missing")
-    check_thresholds(load_thresholds(path), num_layers, str(path))
+    config = read_hf_config(path)
+    check_weights(path, config)
+    check_thresholds(load_thresholds(path), config["num_hidden_layers"], str(path))
     return cfg
 
 

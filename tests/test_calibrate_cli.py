@@ -68,6 +68,30 @@ def test_qwen2_with_mixed_attention_types_is_refused(tmp_path, capsys):
     assert code == 2 and "mix attention types" in err
 
 
+def test_weights_that_disagree_with_the_config_are_refused(tmp_path, capsys):
+    import transformers
+
+    model = tmp_path / "model"
+    config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, vocab_size=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(model, safe_serialization=True)
+    raw = json.loads((model / "config.json").read_text())
+    out = tmp_path / "ckpt"
+    # transformers would load these with random values for the missing layer, or for the q/k/v biases
+    for change, message in (({"num_hidden_layers": 3}, "no *.safetensors file holds model.layers.2."),
+                            ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"},
+                             "holds model.layers.0.self_attn.q_proj.bias")):
+        (model / "config.json").write_text(json.dumps({**raw, **change}))
+        code, err = run_cli(cli.main, ["--model", str(model), "--out", str(out)], capsys)
+        assert code == 2 and message in err and "config.json" in err, err
+        assert_nothing_written(out)
+    # pickled weights only: never unpickled
+    (model / "config.json").write_text(json.dumps(raw))
+    (model / "model.safetensors").rename(model / "pytorch_model.bin")
+    code, err = run_cli(cli.main, ["--model", str(model), "--out", str(out)], capsys)
+    assert code == 2 and "only pickled *.bin files, which are never loaded" in err, err
+
+
 @pytest.mark.parametrize("flag,value", [("--weight-sparsity", "1.0"), ("--act-sparsity", "-0.1"),
                                         ("--weight-sparsity", "abc")])
 def test_sparsity_out_of_range(tmp_path, capsys, flag, value):

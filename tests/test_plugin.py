@@ -85,11 +85,20 @@ def test_entry_point_registers_duo():
 
 
 def test_config_from_checkpoint_dict():
-    qc = DuoQuantConfig.from_config({"quant_method": "duo", "method": "dense", "weight_sparsity": 0.0})
-    assert qc.get_name() == "duo" and qc.config.method == "dense"
+    raw = {"quant_method": "duo", "format_version": 1, "method": "dense", "weight_sparsity": 0.0, "act_sparsity": 0.4}
+    qc = DuoQuantConfig.from_config(raw)
+    assert qc.get_name() == "duo" and qc.config.method == "dense" and qc.config.act_sparsity == 0.4
     assert torch.float32 in qc.get_supported_act_dtypes()
-    with pytest.raises(DuoFormatError, match="weight_sparsity"):
-        DuoQuantConfig.from_config({"quant_method": "duo", "weight_sparsity": 1.5})
+    with pytest.raises(DuoFormatError, match=r"weight_sparsity: Input should be less than 1"):
+        DuoQuantConfig.from_config({**raw, "weight_sparsity": 1.5})
+    with pytest.raises(DuoFormatError, match=r"quantization_config lacks weight_sparsity, act_sparsity"):
+        DuoQuantConfig.from_config({"quant_method": "duo", "format_version": 1, "method": "dense"})
+    with pytest.raises(DuoFormatError, match=r"format_version: .*2 is newer than this duo-vllm reads \(1\): upgrade"):
+        DuoQuantConfig.from_config({**raw, "format_version": 2})
+    with pytest.raises(DuoFormatError, match=r"format_version: .*0 is not a duo format version"):
+        DuoQuantConfig.from_config({**raw, "format_version": 0})
+    with pytest.raises(DuoFormatError, match=r"sparsity_pattern: Extra inputs are not permitted"):
+        DuoQuantConfig.from_config({**raw, "sparsity_pattern": "2:4"})
 
 
 def test_config_without_checkpoint_config_is_refused():

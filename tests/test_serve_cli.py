@@ -11,18 +11,31 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from duo_vllm.format import DuoConfig, DuoFormatError, LINEAR_NAMES, threshold_name
+from duo_vllm.format import SUPPORTED_ARCHITECTURES, DuoConfig, DuoFormatError, LINEAR_NAMES, threshold_name
 from serve import chat, launch
 
 
+TINY = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
+
+
 def _fake_checkpoint(path, layers: int = 2, skip: str | None = None, arch: str = "LlamaForCausalLM"):
-    path.mkdir()
-    config = {"architectures": [arch], "num_hidden_layers": layers,
-              "quantization_config": DuoConfig().model_dump()}
-    (path / "config.json").write_text(json.dumps(config))
+    """A random duo checkpoint (weights not pruned: nothing here loads them), `skip` left out."""
+    import transformers
+
+    family = arch if arch in SUPPORTED_ARCHITECTURES else "LlamaForCausalLM"  # a refused one: LLaMA weights
+    config = getattr(transformers, family.replace("ForCausalLM", "Config"))(num_hidden_layers=layers, **TINY)
+    getattr(transformers, family)(config).save_pretrained(path, safe_serialization=True)
+    _edit_config(path, architectures=[arch], quantization_config=DuoConfig().model_dump())
     tensors = {threshold_name(i, n): torch.tensor(0.1) for i in range(layers) for n in LINEAR_NAMES}
     tensors.pop(skip, None)
     save_file(tensors, str(path / "duo_thresholds.safetensors"))
+    return path
+
+
+def _edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
     return path
 
 
@@ -55,6 +68,7 @@ def test_corrupt_checkpoints_are_named(tmp_path, capsys):
     (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(DuoFormatError, match=r"model\.safetensors: not a readable safetensors file"):
         launch.check_checkpoint(ckpt)
+    capsys.readouterr()  # transformers' progress bars
     assert launch.main([str(ckpt)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("duo-serve: error:") and "model.safetensors" in err and "Traceback" not in err
@@ -70,13 +84,66 @@ def test_corrupt_checkpoints_are_named(tmp_path, capsys):
         _rewrite_threshold(ckpt, name, bad)
         with pytest.raises(DuoFormatError, match=f"threshold {name} is {what} \\(expected a float32 scalar\\)"):
             launch.check_checkpoint(ckpt)
-    # weights (here: thresholds) for more layers than config.json says
-    ckpt = _fake_checkpoint(tmp_path / "extra-layer", layers=3)
-    config = json.loads((ckpt / "config.json").read_text())
-    config["num_hidden_layers"] = 2
-    (ckpt / "config.json").write_text(json.dumps(config))
+    # a threshold file missing altogether
+    ckpt = _fake_checkpoint(tmp_path / "no-thresholds")
+    (ckpt / "duo_thresholds.safetensors").unlink()
+    with pytest.raises(DuoFormatError, match=r"no input thresholds in any \*\.safetensors file \(is "
+                                             r"duo_thresholds\.safetensors missing\?\)"):
+        launch.check_checkpoint(ckpt)
+    # only thresholds for more layers than config.json says
+    ckpt = _fake_checkpoint(tmp_path / "extra-thresholds", layers=3)
+    with __import__("safetensors").safe_open(str(ckpt / "model.safetensors"), "pt") as sf:
+        kept = {k: sf.get_tensor(k) for k in sf.keys() if not k.startswith("model.layers.2.")}
+    save_file(kept, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    _edit_config(ckpt, num_hidden_layers=2)
     with pytest.raises(DuoFormatError, match="thresholds for layer 2, but config.json has num_hidden_layers 2"):
         launch.check_checkpoint(ckpt)
+
+
+def test_configs_that_disagree_with_the_weights_are_named(tmp_path, capsys):
+    # weights of three layers, config.json says two (and the other way round)
+    ckpt = _edit_config(_fake_checkpoint(tmp_path / "more-layers", layers=3), num_hidden_layers=2)
+    with pytest.raises(DuoFormatError, match=r"model\.safetensors: model\.layers\.2\.\S+ is a weight of layer 2, "
+                                             r"but .*config\.json has num_hidden_layers 2"):
+        launch.check_checkpoint(ckpt)
+    ckpt = tmp_path / "fewer-layers"
+    _edit_config(_fake_checkpoint(ckpt, layers=2), num_hidden_layers=3)
+    with pytest.raises(DuoFormatError, match=r"no \*\.safetensors file holds model\.layers\.2\.\S+ \(and 8 more\)"):
+        launch.check_checkpoint(ckpt)
+    # LLaMA weights under a Qwen2 config (q/k/v biases missing), Qwen2 weights under a LLaMA config
+    ckpt = tmp_path / "llama-as-qwen2"
+    _edit_config(_fake_checkpoint(ckpt), architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+    with pytest.raises(DuoFormatError, match=r"holds model\.layers\.0\.self_attn\.q_proj\.bias .*Qwen2ForCausalLM"):
+        launch.check_checkpoint(ckpt)
+    ckpt = tmp_path / "qwen2-as-llama"
+    _edit_config(_fake_checkpoint(ckpt, arch="Qwen2ForCausalLM"), architectures=["LlamaForCausalLM"],
+                 model_type="llama")
+    with pytest.raises(DuoFormatError, match=r"model\.layers\.0\.self_attn\.[qkv]_proj\.bias is not a tensor of the "
+                                             r"LlamaForCausalLM"):
+        launch.check_checkpoint(ckpt)
+    # sizes that disagree
+    ckpt = tmp_path / "wider"
+    _edit_config(_fake_checkpoint(ckpt), intermediate_size=48)
+    with pytest.raises(DuoFormatError, match=r"mlp\.down_proj\.weight has shape \[16, 32\], but .* implies \[16, 48\]"):
+        launch.check_checkpoint(ckpt)
+    capsys.readouterr()  # transformers' progress bars
+    assert launch.main([str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("duo-serve: error:") and "down_proj" in err and "Traceback" not in err
+
+
+def test_quantization_configs_that_cannot_be_served_are_named(tmp_path, capsys):
+    for name, change, message in (
+            ("newer", {"format_version": 2}, "format_version 2 is newer than this duo-vllm reads"),
+            ("unknown", {"sparsity_pattern": "2:4"}, "sparsity_pattern: Extra inputs are not permitted"),
+            ("missing", {"weight_sparsity": None}, "lacks weight_sparsity")):
+        ckpt = _fake_checkpoint(tmp_path / name)
+        qc = {**DuoConfig().model_dump(), **change}
+        _edit_config(ckpt, quantization_config={k: v for k, v in qc.items() if v is not None})
+        capsys.readouterr()
+        assert launch.main([str(ckpt)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "config.json" in err and "Traceback" not in err, err
 
 
 def test_cpu_defaults_yield_to_the_user():
