@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from calibrate import data, models
-from calibrate.sequential import calibrate_blocks
+from calibrate.resume import BlockStore, run_identity, state_dir
+from calibrate.sequential import CalibrationError, calibrate_blocks
 from duo_vllm.format import (
     THRESHOLDS_FILE,
     DuoConfig,
@@ -32,8 +33,13 @@ def calibrate(
     cfg: DuoConfig,
     device: torch.device | str | None = None,
     force: bool = False,
+    resume: bool = False,
 ) -> Path:
-    """Prune and threshold-calibrate a checkpoint of a supported family; write the duo checkpoint atomically to out_dir."""
+    """Prune and threshold-calibrate a checkpoint of a supported family; write the duo checkpoint atomically to out_dir.
+
+    Finished blocks are kept in ``OUT.resume/`` until the checkpoint is written; ``resume=True`` continues an
+    interrupted run from there (calibrate.resume), ``force=True`` starts over.
+    """
     device = torch.device(device) if device else default_device()
     out = Path(out_dir)
     if out.exists() and not force:
@@ -41,11 +47,20 @@ def calibrate(
     models.check_model_dir(model_dir)
     tokenizer = models.load_tokenizer(model_dir)
     ids = data.calibration_windows(tokenizer, cfg.dataset, cfg.nsamples, cfg.seqlen, cfg.seed)
+    identity = run_identity(model_dir, cfg.model_dump(), data.fingerprint(ids), device)
+    store = BlockStore(state_dir(out), identity, resume=resume, force=force)
+    finished = store.finished()
     model = models.load_model(model_dir)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.time()
-    thresholds, rows = calibrate_blocks(model, ids, cfg, device)
+    try:
+        thresholds, rows = calibrate_blocks(model, ids, cfg, device, finished=finished, on_block=store.save)
+    except BaseException as e:
+        kept = store.remove_if_empty()  # keep finished blocks for --resume, nothing else
+        if kept and isinstance(e, CalibrationError):
+            raise CalibrationError(f"{e} [kept for --resume: {kept} finished block(s) in {store.directory}]") from None
+        raise
     seconds = time.time() - t0
 
     report = {
@@ -53,6 +68,7 @@ def calibrate(
         "model": str(Path(model_dir).resolve()),
         "calibration_data": {"dataset": cfg.dataset, "shape": list(ids.shape), "fingerprint": data.fingerprint(ids)},
         "seconds": round(seconds, 2),
+        "resumed_blocks": len(finished),
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "host": platform.node(),
@@ -66,6 +82,7 @@ def calibrate(
                   str(tmp / THRESHOLDS_FILE))
         _finish_config(tmp, cfg)
         write_report(tmp, report)
+    store.remove()
     return out
 
 

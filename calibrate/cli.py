@@ -7,11 +7,11 @@ import sys
 
 from tqdm import tqdm
 
-from calibrate import api, data, models
+from calibrate import api, data, models, resume
 from duo_vllm.format import SUPPORTED_ARCHITECTURES, DuoConfig, DuoFormatError
 
 PROG = "duo-calibrate"
-USAGE_ERRORS = (models.ModelError, data.DataError, DuoFormatError, FileExistsError, ValueError)
+USAGE_ERRORS = (models.ModelError, data.DataError, DuoFormatError, resume.ResumeError, FileExistsError, ValueError)
 
 
 def sparsity(text: str) -> float:
@@ -43,7 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="Hugging Face model directory (" + ", ".join(SUPPORTED_ARCHITECTURES) + ")")
     p.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it exists, and start over even if OUT.resume/ holds an interrupted run")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its last finished block (kept in OUT.resume/ until the "
+                   "checkpoint is written); the result equals an uninterrupted run's bit for bit. Refused if the "
+                   "model, data or settings differ")
     p.add_argument("--method", default=d.method, choices=["duogpt", "sparsegpt", "wanda", "magnitude", "dense"],
                    help="pruning method; 'dense' keeps the weights and only calibrates thresholds (TEAL-style)")
     p.add_argument("--weight-sparsity", type=sparsity, default=d.weight_sparsity, help="p_w, fraction of zero weights")
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         residual_weights=args.residual_weights, mask_score=args.mask_score, input_stream=args.input_stream,
     )
     try:
-        out = api.calibrate(args.model, args.out, cfg, device=args.device, force=args.force)
+        out = api.calibrate(args.model, args.out, cfg, device=args.device, force=args.force, resume=args.resume)
     except USAGE_ERRORS as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

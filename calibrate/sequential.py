@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -115,6 +116,16 @@ def prune_weight(W: torch.Tensor, stats: solver.InputStats, cfg: DuoConfig) -> t
     )
 
 
+@dataclass
+class FinishedBlock:
+    """What calibration decided for one decoder block: all a later run needs to replay it (calibrate.resume)."""
+
+    weights: dict[str, torch.Tensor]  # linear name -> its new weight, on CPU
+    thresholds: dict[str, float]  # linear name -> its input threshold
+    rows: list[dict]  # the block's report rows
+    generator_state: torch.Tensor  # the threshold sampler's RNG state after the block
+
+
 @torch.no_grad()
 def calibrate_blocks(
     model: nn.Module,
@@ -122,13 +133,14 @@ def calibrate_blocks(
     cfg: DuoConfig,
     device: torch.device,
     log_line: Callable[[str], None] = log.info,
+    finished: Sequence[FinishedBlock] = (),
+    on_block: Callable[[int, FinishedBlock], None] | None = None,
 ) -> tuple[dict[tuple[int, str], float], list[dict]]:
     """Prune every decoder block of `model` in place and calibrate its activation thresholds.
 
-    Per block: one pass of the dense block over the dense stream captures X̃ at every group input;
-    then, group by group in order of dependence, the partially compressed block gives X̂ at that
-    group's input, its threshold is calibrated, its statistics accumulated and its linears pruned.
-    Returns ({(layer, linear): threshold}, per-layer report rows).
+    Blocks 0..len(finished)-1 are replayed from `finished` (an interrupted run's results): their weights
+    are set and both streams pushed through them, which gives the same bits as calibrating them again.
+    Every newly calibrated block is passed to `on_block`. Returns ({(layer, linear): threshold}, report rows).
     """
     gen = torch.Generator().manual_seed(cfg.seed)
     inps, kwargs = _block_inputs(model, ids, device)
@@ -142,13 +154,60 @@ def calibrate_blocks(
     for idx in bar:
         t0 = time.time()
         block = layers[idx].to(device)
-        dense_block = copy.deepcopy(block)  # the original weights, for the dense stream X̃
-        bar.set_postfix_str(f"({idx + 1}/{len(layers)}) dense stream")
-        dense_inputs, fp_inps = _dense_pass(dense_block, fp_inps, kwargs, device, storage)
-        del dense_block
-        handles = []
+        where = [f"model.layers.{idx}"]  # the linear being worked on, for error messages
+        try:
+            if idx < len(finished):
+                bar.set_postfix_str(f"({idx + 1}/{len(layers)}) replaying the interrupted run's block")
+                done = finished[idx]
+                fp_inps = [_run(block, x, kwargs, device).to(storage) for x in fp_inps]  # the dense stream
+                for name, W in done.weights.items():
+                    block.get_submodule(name).weight.data = W.to(device)
+                gen.set_state(done.generator_state)
+            else:
+                done, fp_inps = _calibrate_block(block, idx, inps, fp_inps, kwargs, cfg, gen, device, storage,
+                                                 lambda s: bar.set_postfix_str(f"({idx + 1}/{len(layers)}) {s}"),
+                                                 log_line, where)
+            inps = _compressed_outputs(block, done.thresholds, inps, kwargs, device, storage)
+        except (RuntimeError, MemoryError) as e:
+            if not _out_of_memory(e):
+                raise
+            raise CalibrationError(
+                f"{where[0]}: out of memory on {device} ({str(e).splitlines()[0][:200]}); calibrate with fewer "
+                "--nsamples or a shorter --seqlen" + (", or --device cpu" if device.type == "cuda" else "")) from None
+        layers[idx] = block.cpu()
+        thresholds.update({(idx, name): t for name, t in done.thresholds.items()})
+        if idx >= len(finished):
+            for r in done.rows:
+                r["block_seconds"] = round(time.time() - t0, 3)
+            if on_block:
+                on_block(idx, done)
+        rows += done.rows
+    return thresholds, rows
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    # CUDA raises torch.OutOfMemoryError; the CPU allocator a RuntimeError with this text
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
+
+
+def _calibrate_block(block: nn.Module, idx: int, inps: list[torch.Tensor], fp_inps: list[torch.Tensor],
+                     kwargs: dict, cfg: DuoConfig, gen: torch.Generator, device: torch.device,
+                     storage: torch.device, status: Callable[[str], None], log_line: Callable[[str], None],
+                     where: list[str]) -> tuple[FinishedBlock, list[torch.Tensor]]:
+    """Calibrate one block in place: one pass of the dense block over the dense stream captures X̃ at every
+    group input; then, group by group in order of dependence, the partially compressed block gives X̂ at
+    that group's input, its threshold is calibrated, its statistics accumulated and its linears pruned.
+    Returns the block's decisions and the dense stream's block outputs."""
+    dense_block = copy.deepcopy(block)  # the original weights, for the dense stream X̃
+    status("dense stream")
+    dense_inputs, fp_outs = _dense_pass(dense_block, fp_inps, kwargs, device, storage)
+    del dense_block
+    done = FinishedBlock(weights={}, thresholds={}, rows=[], generator_state=torch.empty(0))
+    handles = []
+    try:
         for group, names in LINEAR_GROUPS.items():
-            bar.set_postfix_str(f"({idx + 1}/{len(layers)}) {group}")
+            status(group)
+            where[0] = f"model.layers.{idx}.{names[0]}"
             first = block.get_submodule(names[0])
             if cfg.input_stream == "dense":
                 xs = dense_inputs[group]
@@ -168,6 +227,7 @@ def calibrate_blocks(
                                        "(the model's earlier weights or activations overflow)")
 
             for name in names:
+                where[0] = f"model.layers.{idx}.{name}"
                 linear = block.get_submodule(name)
                 W = linear.weight.data
                 if not torch.isfinite(W).all():
@@ -178,25 +238,34 @@ def calibrate_blocks(
                                            f"(ill-conditioned Hessian; try a larger --percdamp than {cfg.percdamp})")
                 err = solver.reconstruction_error(W_new, W, stats)
                 linear.weight.data = W_new.to(W.dtype)
-                thresholds[(idx, name)] = t
+                done.weights[name] = linear.weight.data.cpu()
+                done.thresholds[name] = t
                 w_sp = float((linear.weight == 0).float().mean())
-                rows.append({
+                done.rows.append({
                     "layer": idx, "linear": name, "numel": W.numel(),
                     "weight_sparsity": w_sp, "act_sparsity": act_sparsity,
                     "threshold": t, "rel_error": err,
                 })
                 log_line(f"layer {idx:3d} {name:16s} w-sparsity {w_sp:.3f} x-sparsity {act_sparsity:.3f} "
                          f"t {t:.4g} rel-err {err:.4g}")
-            handles += [_threshold_hook(block.get_submodule(n), t) for n in names]
+            handles += [_threshold_hook(block.get_submodule(n), t) for n in names]  # for the next group's X̂
             del stats
-
-        inps = [_run(block, x, kwargs, device).to(storage) for x in inps]
+    finally:
         for h in handles:
             h.remove()
-        layers[idx] = block.cpu()
-        for r in rows[-len(LINEAR_NAMES):]:
-            r["block_seconds"] = round(time.time() - t0, 3)
-    return thresholds, rows
+    done.generator_state = gen.get_state()
+    return done, fp_outs
+
+
+def _compressed_outputs(block: nn.Module, thresholds: dict[str, float], inps: list[torch.Tensor], kwargs: dict,
+                        device: torch.device, storage: torch.device) -> list[torch.Tensor]:
+    """The compressed stream through a finished block: its new weights, every linear's input thresholded."""
+    handles = [_threshold_hook(block.get_submodule(name), t) for name, t in thresholds.items()]
+    try:
+        return [_run(block, x, kwargs, device).to(storage) for x in inps]
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _dense_pass(block: nn.Module, inps: list[torch.Tensor], kwargs: dict, device, storage

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +22,7 @@ def run_cli(main, argv, capsys) -> tuple[int, str]:
 
 
 def assert_nothing_written(out: Path) -> None:
-    assert not out.exists()
+    assert not out.exists() and not out.with_name(f"{out.name}.resume").exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], "temp dir left behind"
 
 
@@ -169,6 +171,40 @@ def test_nan_in_the_input_model_is_named_and_nothing_written(tmp_path, capsys, t
     # a NaN norm weight shows first in the inputs of the next group (mlp.gate_proj of block 0)
     where = tensor if "down_proj" in tensor else "model.layers.0.mlp.gate_proj: NaN/inf in its calibration inputs"
     assert code == 2 and where in err, err
+    if "layers.1" in tensor:  # block 0 finished: kept for --resume, and the message says so
+        assert "[kept for --resume: 1 finished block(s) in" in err, err
+        shutil.rmtree(out.with_name("ckpt.resume"))
+    assert_nothing_written(out)
+
+
+def test_out_of_memory_names_the_block_and_linear(smollm2_dir, tmp_path):
+    """A real allocation failure: the process's address space is capped 2 GiB above what the imports map, below
+    down_proj's 4 GiB Hessian."""
+    import transformers
+
+    from calibrate.models import load_tokenizer
+
+    model = tmp_path / "wide"
+    tok = load_tokenizer(smollm2_dir)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=32768, num_hidden_layers=2,
+                                      num_attention_heads=2, vocab_size=len(tok))
+    transformers.LlamaForCausalLM(config).save_pretrained(model, safe_serialization=True)
+    tok.save_pretrained(model)
+    out = tmp_path / "ckpt"
+    script = (
+        "import resource, sys\n"
+        "from calibrate import cli\n"
+        "from transformers import AutoTokenizer, LlamaForCausalLM  # imported before the cap\n"
+        "vm = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize'))\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + (2 << 30),) * 2)\n"
+        f"sys.exit(cli.main(['--model', {str(model)!r}, '--out', {str(out)!r}, '--nsamples', '2', '--seqlen', '32']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    err = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert err.startswith("duo-calibrate: error: model.layers.0.mlp.down_proj: out of memory on cpu"), err
+    assert "fewer --nsamples or a shorter --seqlen" in err and "Traceback" not in proc.stderr
     assert_nothing_written(out)
 
 
@@ -185,7 +221,7 @@ def test_kill_9_leaves_no_checkpoint_and_the_next_run_cleans_up(tmp_path, capsys
     temporaries = lambda: list(tmp_path.glob(".ckpt.tmp-*"))  # noqa: E731
     # killed while calibrating, then killed while writing the checkpoint directory
     for moment in ("calibrating", "writing"):
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(argv + ["--resume"] * (moment == "writing"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 300
         if moment == "calibrating":  # the progress bar has started
             seen = ""
@@ -202,7 +238,8 @@ def test_kill_9_leaves_no_checkpoint_and_the_next_run_cleans_up(tmp_path, capsys
         assert proc.returncode == -signal.SIGKILL, f"{moment}: the run ended before it was killed"
         assert not out.exists(), moment
         assert len(temporaries()) == (0 if moment == "calibrating" else 1), moment
-    # the next run removes what the killed writer left, and writes the checkpoint
-    code, err = run_cli(cli.main, argv[3:], capsys)
+    # the next run removes what the killed writer left, and writes the checkpoint from the kept blocks
+    code, err = run_cli(cli.main, argv[3:] + ["--resume"], capsys)
     assert code == 0, err
     assert (out / "config.json").is_file() and temporaries() == []
+    assert json.loads((out / "duo_report.json").read_text())["resumed_blocks"] == 2
