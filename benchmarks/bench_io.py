@@ -1,6 +1,7 @@
 """Shared by the benchmark scripts: cached calibrations, markdown tables."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from calibrate.api import calibrate
@@ -13,6 +14,18 @@ def cached_checkpoint(work: Path, model_dir: Path, cfg: DuoConfig) -> Path:
     if is_duo_checkpoint(out) and read_config(out) == cfg:
         return out
     return calibrate(model_dir, out, cfg, force=True)
+
+
+def duo_checkpoint_arg(parser: argparse.ArgumentParser, flag: str, given: str | None, work: Path,
+                       model_dir: Path, nsamples: int, seqlen: int) -> Path:
+    """The duo checkpoint given as `flag` (a usage error if it is none), or `model_dir` calibrated at W50+X50
+    with DuoGPT on nsamples x seqlen tokens into `work` (cached)."""
+    if given:
+        if not is_duo_checkpoint(given):
+            parser.error(f"{flag} {given}: not a duo checkpoint (no quantization_config with quant_method 'duo')")
+        return Path(given)
+    return cached_checkpoint(work, model_dir, DuoConfig(method="duogpt", weight_sparsity=0.5, act_sparsity=0.5,
+                                                        nsamples=nsamples, seqlen=seqlen))
 
 
 def markdown_table(rows: dict[str, dict[str, float]], columns: list[str], fmt: str = "{:.2f}",

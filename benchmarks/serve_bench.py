@@ -20,11 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-from bench_io import cached_checkpoint, save_figure
+from bench_io import duo_checkpoint_arg, save_figure
 
 from calibrate.files import write_json_atomic, write_text_atomic
 from calibrate import models
-from duo_vllm.format import DuoConfig, is_duo_checkpoint
 from serve.launch import CPU_KV_CACHE_GIB, is_cpu_build
 from serve.server import ServerProcess, console_script
 
@@ -124,13 +123,7 @@ def main() -> int:
     dense = Path(args.dense) if args.dense else models.prepare_test_model()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    if args.duo:
-        duo = Path(args.duo)
-        if not is_duo_checkpoint(duo):
-            p.error(f"--duo {duo}: not a duo checkpoint (no quantization_config with quant_method 'duo')")
-    else:
-        duo = cached_checkpoint(work, dense, DuoConfig(method="duogpt", weight_sparsity=0.5, act_sparsity=0.5,
-                                                       nsamples=16, seqlen=512))
+    duo = duo_checkpoint_arg(p, "--duo", args.duo, work, dense, nsamples=16, seqlen=512)
     common = ["--max-model-len", str(args.max_model_len), *args.server_args.split()]
     if is_cpu_build():  # duo-serve adds these on CPU; the dense server must run the same way
         common += ["--dtype", "float32", "--enforce-eager"]

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from calibrate import solver
-from duo_vllm.format import LINEAR_GROUPS, LINEAR_NAMES, DuoConfig, apply_threshold
+from duo_vllm.format import LINEAR_GROUPS, DuoConfig, apply_threshold
 
 log = logging.getLogger("duo.calibrate")
 QUANTILE_SAMPLE = 1 << 24  # entries kept per group for the threshold quantile (exact below this)
