@@ -15,11 +15,11 @@ after the warm-up (start), every 10 s, and after the last request (end).
 
 A request fails if it gets no HTTP 200, times out (--request-timeout), streams an error, ends
 without finish_reason "stop" or "length", or reports more completion tokens than max_tokens (or
-fewer with "length"). A health check fails if it gets no 200 within 10 s. The exit status is 1 if
-any request or health check failed, requests stayed in the engine, the server died, or the RSS grew
-beyond the tolerance, end > start x 1.15 + 64 MiB. Prints a table, writes JSON (--out) and the
-table as markdown beside it. Without --ckpt it calibrates SmolLM2 at W50+X50 (DuoGPT, 8x256) into
---work first.
+fewer with "length"). A health check (on a fresh connection each time) fails if it gets no 200 within
+10 s. The exit status is 1 if any request or health check failed, requests stayed in the engine, the
+server died, or the RSS grew beyond the tolerance, end > start x 1.15 + 64 MiB. Prints a table, writes
+JSON (--out) and the table as markdown beside it. Without --ckpt it calibrates SmolLM2 at W50+X50
+(DuoGPT, 8x256) into --work first.
 """
 from __future__ import annotations
 
@@ -77,6 +77,7 @@ class Tally:
     health_ok: int = 0
     health_failed: int = 0
     health_max_s: float = 0.0
+    health_messages: list[str] = field(default_factory=list)
 
     def error(self, message: str) -> None:
         self.errors += 1
@@ -215,24 +216,32 @@ async def client(http: httpx.AsyncClient, tally: Tally, rng: random.Random, word
 
 
 async def poll_health(base_url: str, tally: Tally, stop: asyncio.Event) -> None:
-    """GET /health every HEALTH_EVERY_S seconds until stop is set; count answers."""
-    async with httpx.AsyncClient(base_url=base_url, timeout=HEALTH_TIMEOUT_S, trust_env=False) as http:
-        while not stop.is_set():
-            t0 = time.monotonic()
-            try:
-                ok = (await http.get("/health")).status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            took = time.monotonic() - t0
-            tally.health_max_s = max(tally.health_max_s, took)
-            if ok:
-                tally.health_ok += 1
-            else:
-                tally.health_failed += 1
-            try:
-                await asyncio.wait_for(stop.wait(), max(0.0, HEALTH_EVERY_S - took))
-            except TimeoutError:
-                pass
+    """GET /health every HEALTH_EVERY_S seconds until stop is set; count answers and keep why any failed.
+
+    Each probe opens its own connection, as a load balancer's or Kubernetes' probe does: on a reused
+    one, a server loop stalled past uvicorn's keep-alive timeout (vLLM: 5 s) may close the socket just
+    as the next probe is sent, which is a client artefact and says nothing about the server's health.
+    """
+    while not stop.is_set():
+        t0 = time.monotonic()
+        try:
+            async with httpx.AsyncClient(base_url=base_url, timeout=HEALTH_TIMEOUT_S, trust_env=False) as http:
+                status = (await http.get("/health", headers={"Connection": "close"})).status_code
+            why = None if status == 200 else f"HTTP {status}"
+        except httpx.HTTPError as e:
+            why = f"{type(e).__name__}: {e}"
+        took = time.monotonic() - t0
+        tally.health_max_s = max(tally.health_max_s, took)
+        if why is None:
+            tally.health_ok += 1
+        else:
+            tally.health_failed += 1
+            if len(tally.health_messages) < KEEP_ERRORS:
+                tally.health_messages.append(f"after {took:.2f} s: {why}"[:500])
+        try:
+            await asyncio.wait_for(stop.wait(), max(0.0, HEALTH_EVERY_S - took))
+        except TimeoutError:
+            pass
 
 
 async def sample_rss(pid: int, series: list[tuple[float, float]], t0: float, stop: asyncio.Event) -> None:
@@ -278,7 +287,8 @@ async def drive(server: ServerProcess, clients: int, duration: float, seed: int,
         "completion_tokens": tally.completion_tokens,
         "latency_s": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
                       "max": float(lat.max())},
-        "health": {"ok": tally.health_ok, "failed": tally.health_failed, "max_s": round(tally.health_max_s, 3)},
+        "health": {"ok": tally.health_ok, "failed": tally.health_failed, "max_s": round(tally.health_max_s, 3),
+                   "messages": tally.health_messages},
         "rss_mib": {"start": round(rss_start, 1), "end": round(rss_end, 1), "max": max(v for _, v in series),
                     "limit": round(rss_start * RSS_GROWTH + RSS_SLACK_MIB, 1), "series": series,
                     "processes_start": {k: round(v, 1) for k, v in procs_start.items()},
@@ -302,7 +312,7 @@ def failures(result: dict) -> list[str]:
     if req["errors"] or warm["errors"]:
         out.append(f"{req['errors']} failed requests (+{warm['errors']} in the warm-up)")
     if result["health"]["failed"]:
-        out.append(f"{result['health']['failed']} failed health checks")
+        out.append(f"{result['health']['failed']} failed health checks ({'; '.join(result['health']['messages'])})")
     if rss["end"] > rss["limit"]:
         out.append(f"RSS grew from {rss['start']:.0f} to {rss['end']:.0f} MiB (limit {rss['limit']:.0f})")
     if not result["engine_after"]["idle"]:
