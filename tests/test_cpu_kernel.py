@@ -112,6 +112,21 @@ def test_dead_channels_zero_inputs_and_threshold_semantics(isa):
     assert torch.equal(_run(x, 0.0, eye, None, isa)[0, :4], torch.tensor([0.5, -0.5, 0.51, 0.0]))
 
 
+def test_gemm_path_above_the_crossover_thresholds_like_the_sparse_path():
+    vllm_ops = pytest.importorskip("vllm._custom_ops")
+    gen = torch.Generator().manual_seed(5)
+    w = _pruned(96, 40, 0.5, gen)
+    packed, gemm = cpu_kernel.pack(w), vllm_ops.create_onednn_mm(w.t(), 32)
+    bias = torch.randn(96, generator=gen)
+    x = torch.randn(6, 40, generator=gen)
+    x[0, 0], x[0, 1], x[1, 2], x[2, 3] = 0.5, -0.5, float("nan"), float("-inf")  # == t dropped, NaN dropped
+    for max_m in (0, 6):  # every token through oneDNN, then every token through the sparse kernel
+        y = cpu_kernel.sparse_linear(x, torch.tensor(0.5), packed, bias, gemm.handler_tensor, max_m)
+        assert not y[2].isfinite().all()  # -inf survives the threshold, as in torch.where
+        rest = [0, 1, 3, 4, 5]
+        _assert_close(y[rest], _reference(x, 0.5, w, bias)[rest])
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_a_tokens_result_does_not_depend_on_its_batch(isa):
     gen = torch.Generator().manual_seed(3)
