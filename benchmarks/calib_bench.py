@@ -60,7 +60,7 @@ def main() -> int:
         "seconds_per_layer": round(seconds / model.config.num_hidden_layers, 2),
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
         "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-        "mean_rel_error": sum(r["rel_error"] for r in rows) / len(rows),
+        "mean_rel_error": sum(r.rel_error for r in rows) / len(rows),
         "date": time.strftime("%Y-%m-%d"),
         "command": " ".join(["python"] + sys.argv),
     }

@@ -8,7 +8,7 @@ counted), effective TB/s, speedup over dense and the ideal speedup of the bandwi
 bytes / method bytes).
   python benchmarks/kernel_bench.py --out benchmarks/results/kernel_bench.json \
       [--write-table duo_vllm/kernels/crossover.json]
-Methods: dense = F.linear(x, W) (cuBLAS, the baseline), dense_thr = the dispatch's dense path
+Methods: dense = F.linear(x, W) (cuBLAS, the baseline), dense_thr = the dispatch's "gemm" path
 (threshold then cuBLAS), teal = activation-only Triton kernel on W^T [K, N], wsparse = bitmap kernel
 reading every segment, dual = bitmap kernel skipping channels dead for the batch.
 Activations here are random normal with a quantile threshold, independent per token, so the union of
@@ -45,7 +45,7 @@ TINY = {"tiny": [("a", 192, 96), ("b", 96, 160)]}
 SPARSITIES = [(0.0, 0.0), (0.0, 0.5), (0.5, 0.0), (0.5, 0.5), (0.6, 0.6)]
 BATCHES = [1, 2, 4, 8, 16]
 METHODS = ("dense", "dense_thr", "teal", "wsparse", "dual")
-TABLE_PATHS = {"dual": "dual", "wsparse": "wsparse", "dense_thr": "dense"}  # method -> dispatch path
+TABLE_PATHS = {"dual": "dual", "wsparse": "wsparse", "dense_thr": "gemm"}  # method -> dispatch path
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_REL_ERR = 1e-2
 
@@ -170,7 +170,7 @@ def checkpoint_report(ckpt_dir: str, activations: str | None, batches: list[int]
     for layer in sorted({layer for layer, _ in thresholds}):
         for group, names in LINEAR_GROUPS.items():
             w = torch.cat([tensor(f"model.layers.{layer}.{name}.weight") for name in names])
-            packed = pack_weight(w, block_n=block_n, keep_dense=False)
+            packed = pack_weight(w, block_n=block_n, keep_gemm_weight=False)
             row = dict(layer=layer, group=group, n=w.shape[0], k=w.shape[1],
                        weight_sparsity=1 - packed.values.numel() / w.numel(),
                        dense_bytes=dense_bytes(packed), format_bytes=format_bytes(packed))

@@ -21,7 +21,7 @@ from calibrate import data, evaluate, models
 from duo_vllm.format import DuoConfig
 
 SETTINGS = {"W50+X50": (0.5, 0.5), "W50+X0": (0.5, 0.0), "W0+X50": (0.0, 0.5)}
-METHODS = ("duogpt", "sparsegpt", "wanda", "magnitude", "dense")
+METHODS = ("duogpt", "sparsegpt", "wanda", "magnitude", "teal")
 
 
 def main() -> int:
@@ -45,7 +45,7 @@ def main() -> int:
     for setting in args.settings:
         p_w, p_x = SETTINGS[setting]
         for method in args.methods:
-            if (method == "dense") != (p_w == 0):  # 'dense' is the thresholds-only method: W0 cells only
+            if (method == "teal") != (p_w == 0):  # teal is the thresholds-only method: W0 cells only
                 continue
             cfg = DuoConfig(method=method, weight_sparsity=p_w, act_sparsity=p_x, nsamples=args.nsamples,
                             seqlen=args.seqlen)

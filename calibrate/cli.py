@@ -4,24 +4,18 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
+from typing import Literal, get_args, get_origin
+
+from pydantic import ValidationError
 
 from tqdm import tqdm
 
 from calibrate import api, data, models, resume
-from duo_vllm.format import SUPPORTED_ARCHITECTURES, DuoConfig, DuoFormatError
+from duo_vllm.format import RENAMED_CHOICES, SUPPORTED_ARCHITECTURES, DuoConfig, DuoFormatError, read_report
 
 PROG = "duo-calibrate"
 USAGE_ERRORS = (models.ModelError, data.DataError, DuoFormatError, resume.ResumeError, FileExistsError, ValueError)
-
-
-def sparsity(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is outside [0, 1)")
-    return value
 
 
 def positive_int(text: str) -> int:
@@ -31,8 +25,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+# DuoConfig fields that are the format's, not calibration choices
+_NOT_FLAGS = ("quant_method", "format_version")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    d = DuoConfig()
+    """The CLI; one flag per DuoConfig calibration field, its type, choices, default and help from the schema."""
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Prune the decoder linears of a LLaMA-family checkpoint (unstructured weight sparsity) and calibrate "
@@ -49,31 +51,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run from its last finished block (kept in OUT.resume/ until the "
                    "checkpoint is written); the result equals an uninterrupted run's bit for bit. Refused if the "
                    "model, data or settings differ")
-    p.add_argument("--method", default=d.method, choices=["duogpt", "sparsegpt", "wanda", "magnitude", "dense"],
-                   help="pruning method; 'dense' keeps the weights and only calibrates thresholds (TEAL-style)")
-    p.add_argument("--weight-sparsity", type=sparsity, default=d.weight_sparsity, help="p_w, fraction of zero weights")
-    p.add_argument("--act-sparsity", type=sparsity, default=d.act_sparsity,
-                   help="p_x, fraction of activations under the threshold on calibration data")
-    p.add_argument("--dataset", default=data.DEFAULT_CALIBRATION,
-                   help="calibration text: local:c4 (offline), local:NAME, file:PATH, or c4/wikitext2 (HF datasets)")
-    p.add_argument("--nsamples", type=positive_int, default=d.nsamples, help="calibration sequences")
-    p.add_argument("--seqlen", type=positive_int, default=d.seqlen, help="tokens per calibration sequence")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the calibration window sampling")
     p.add_argument("--device", default=None, help="calibration device (default: cuda when available, else cpu)")
-    p.add_argument("--blocksize", type=positive_int, default=d.blocksize, help="columns per lazy-update block")
-    p.add_argument("--percdamp", type=float, default=d.percdamp, help="Hessian damping, fraction of mean(diag H)")
-    g = p.add_argument_group("DuoGPT choices (algorithm note §3-4)")
-    g.add_argument("--alpha", type=float, default=d.alpha,
-                   help="weight of the residual compensation; 1 is exact in-sample but overfits: on SmolLM2 (8x256 "
-                   "calibration, W50+X50) held-out perplexity 6007 at 1 vs 87.5 at 0.25 (SparseGPT: 102)")
-    g.add_argument("--residual-weights", default=d.residual_weights, choices=["pre_prune", "pruned", "original"],
-                   help="weights multiplying each column's residual: its value when visited (before pruning), "
-                   "after pruning, or the original weights (the exact projection)")
-    g.add_argument("--mask-score", default=d.mask_score, choices=["prune_loss", "marginal"],
-                   help="rank entries by the full loss of pruning S, or by S minus the loss when kept")
-    g.add_argument("--input-stream", default=d.input_stream, choices=["compressed", "dense"],
-                   help="sparse input X̂ from the compressed model (default) or sparsify(X̃) of the dense model")
+    duogpt = p.add_argument_group("DuoGPT choices (algorithm note §3-4)")
+    for name, field in DuoConfig.model_fields.items():
+        if name in _NOT_FLAGS:
+            continue
+        group = duogpt if (field.json_schema_extra or {}).get("duogpt_only") else p
+        kind = field.annotation
+        choices = list(get_args(kind)) + list(RENAMED_CHOICES.get(name, ())) if get_origin(kind) is Literal else None
+        default, help = field.default, field.description
+        if name == "weight_sparsity":  # its default depends on --method
+            default, help = argparse.SUPPRESS, f"{help} (default: {field.default}, or 0 with --method teal)"
+        group.add_argument(_flag(name), dest=name, type=str if choices else kind, choices=choices, default=default,
+                           help=help)
     return p
+
+
+def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> DuoConfig:
+    """The DuoConfig the flags say; a value the schema refuses is a usage error naming its flag."""
+    values = {name: getattr(args, name, None) for name in DuoConfig.model_fields if name not in _NOT_FLAGS}
+    if values["weight_sparsity"] is None:  # the schema's default, or 0 for a method that prunes nothing
+        teal = RENAMED_CHOICES["method"].get(values["method"], values["method"]) == "teal"
+        values["weight_sparsity"] = 0.0 if teal else DuoConfig.model_fields["weight_sparsity"].default
+    try:
+        with warnings.catch_warnings(record=True) as renamed:
+            warnings.simplefilter("always", FutureWarning)
+            cfg = DuoConfig(**values)
+        for w in renamed:
+            print(f"{PROG}: warning: {w.message}", file=sys.stderr)
+        return cfg
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = _flag(str(err["loc"][0])) if err["loc"] else "the flags"
+        p.error(f"argument {where}: {err['msg']}")
 
 
 def prepare_model_main(argv: list[str]) -> int:
@@ -104,7 +114,7 @@ def prepare_model_main(argv: list[str]) -> int:
             print(models.prepare_model(args.source, args.out))
         else:
             print(models.prepare_test_model(args.out))
-    except (models.ModelError, DuoFormatError) as e:
+    except (models.ModelError, DuoFormatError, FileExistsError) as e:
         print(f"{PROG} prepare-model: error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -119,27 +129,22 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["prepare-model"]:
         return prepare_model_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("duo.calibrate")  # parent of the solver's logger too
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    cfg = DuoConfig(
-        # 'dense' prunes nothing: record what the checkpoint holds, not the flag's default
-        method=args.method, weight_sparsity=0.0 if args.method == "dense" else args.weight_sparsity, act_sparsity=args.act_sparsity,
-        dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-        blocksize=args.blocksize, percdamp=args.percdamp, alpha=args.alpha,
-        residual_weights=args.residual_weights, mask_score=args.mask_score, input_stream=args.input_stream,
-    )
+    cfg = config_from_args(parser, args)
     try:
         out = api.calibrate(args.model, args.out, cfg, device=args.device, force=args.force, resume=args.resume)
     except USAGE_ERRORS as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    report = api.read_summary(out)
-    print(f"wrote {out}: weight sparsity {report['weight_sparsity']:.3f}, "
-          f"activation sparsity {report['act_sparsity']:.3f}, mean layer error {report['mean_rel_error']:.4g}")
+    summary = read_report(out).summary
+    print(f"wrote {out}: weight sparsity {summary.weight_sparsity:.3f}, "
+          f"activation sparsity {summary.act_sparsity:.3f}, mean layer error {summary.mean_rel_error:.4g}")
     return 0
 
 

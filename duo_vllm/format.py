@@ -5,7 +5,11 @@ A duo checkpoint is an ordinary Hugging Face directory of a LLaMA-layout model (
   *.safetensors           pruned weights as dense ``*.weight`` tensors holding zeros, under the usual names,
                           plus one fp32 scalar ``<linear>.input_threshold`` per decoder linear layer
   tokenizer files, generation_config.json
-  duo_report.json         what calibration achieved (per-layer sparsities, errors, timing, data fingerprint)
+  duo_report.json         what calibration achieved (:class:`CalibrationReport`: per-layer sparsities,
+                          errors, timing, data fingerprint)
+
+This module writes (:func:`write_checkpoint`), reads and validates it; the calibrator, duo-serve and the
+plugin all go through it.
 
 Linears that share one input (q/k/v, gate/up) store equal thresholds, so vLLM's fused qkv_proj and
 gate_up_proj receive one value per shard. Activations are sparsified as ``x * (|x| > t)``.
@@ -18,13 +22,24 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    computed_field,
+    field_validator,
+    model_validator,
+)
+from safetensors.torch import save_file
 
 QUANT_METHOD = "duo"
 FORMAT_VERSION = 1
@@ -45,34 +60,72 @@ LINEAR_NAMES: tuple[str, ...] = tuple(name for names in LINEAR_GROUPS.values() f
 # adds biases to q/k/v (kept dense and never pruned).
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
-Method = Literal["duogpt", "sparsegpt", "wanda", "magnitude", "dense"]
+# The pruning methods a checkpoint can come from (their implementations: calibrate/methods.py). "teal"
+# keeps every weight and only calibrates thresholds (TEAL-style activation sparsity).
+Method = Literal["duogpt", "sparsegpt", "wanda", "magnitude", "teal"]
+# Old names still read (checkpoints and flags), with a warning: {field: {old: new}}
+RENAMED_CHOICES = {"method": {"dense": "teal"}, "input_stream": {"dense": "original"}}
 
 
 class DuoFormatError(ValueError):
     """A duo checkpoint or its configuration is malformed; the message names the file/field/tensor."""
 
 
+def _duogpt_only() -> dict:
+    return {"duogpt_only": True}
+
+
 class DuoConfig(BaseModel):
-    """The ``quantization_config`` block of a duo checkpoint's config.json."""
+    """The ``quantization_config`` block of a duo checkpoint's config.json; the descriptions are duo-calibrate's
+    --help (its flags are generated from these fields)."""
 
     model_config = ConfigDict(extra="forbid")
 
     quant_method: Literal["duo"] = QUANT_METHOD
     format_version: int = FORMAT_VERSION
-    method: Method = "duogpt"
-    weight_sparsity: float = Field(0.5, ge=0.0, lt=1.0)
-    act_sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    method: Method = Field("duogpt", description="pruning method; 'teal' keeps the weights and only calibrates "
+                           "thresholds (TEAL-style); 'dense' is its old name")
+    weight_sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="p_w, fraction of zero weights")
+    act_sparsity: float = Field(0.5, ge=0.0, lt=1.0,
+                                description="p_x, fraction of activations under the threshold on calibration data")
     # calibration settings, recorded for reproducibility
-    dataset: str = "local:c4"
-    nsamples: int = Field(128, gt=0)
-    seqlen: int = Field(2048, gt=0)
-    seed: int = 0
-    blocksize: int = Field(128, gt=0)
-    percdamp: float = Field(0.01, ge=0.0)
-    alpha: float = 0.25  # 1 is exact but overfits small calibration sets badly (see README)
-    residual_weights: Literal["pre_prune", "pruned", "original"] = "pre_prune"
-    mask_score: Literal["prune_loss", "marginal"] = "prune_loss"
-    input_stream: Literal["compressed", "dense"] = "compressed"
+    dataset: str = Field("local:c4", description="calibration text: local:c4 (offline), local:NAME, file:PATH, or "
+                         "c4/wikitext2 (HF datasets)")
+    nsamples: int = Field(128, gt=0, description="calibration sequences")
+    seqlen: int = Field(2048, gt=0, description="tokens per calibration sequence")
+    seed: int = Field(0, description="seed of the calibration window sampling")
+    blocksize: int = Field(128, gt=0, description="columns per lazy-update block")
+    percdamp: float = Field(0.01, ge=0.0, description="Hessian damping, fraction of mean(diag H)")
+    alpha: float = Field(0.25, json_schema_extra=_duogpt_only(),
+                         description="weight of the residual compensation; 1 is exact in-sample but overfits: on "
+                         "SmolLM2 (8x256 calibration, W50+X50) held-out perplexity 6007 at 1 vs 87.5 at 0.25 "
+                         "(SparseGPT: 102)")
+    residual_weights: Literal["pre_prune", "pruned", "original"] = Field(
+        "pre_prune", json_schema_extra=_duogpt_only(),
+        description="weights multiplying each column's residual: its value when visited (before pruning), after "
+        "pruning, or the original weights (the exact projection)")
+    mask_score: Literal["prune_loss", "marginal"] = Field(
+        "prune_loss", json_schema_extra=_duogpt_only(),
+        description="rank entries by the full loss of pruning S, or by S minus the loss when kept")
+    input_stream: Literal["compressed", "original"] = Field(
+        "compressed", json_schema_extra=_duogpt_only(),
+        description="sparse input X̂ from the compressed model (default), or sparsify(X̃) of the original model")
+
+    @field_validator("method", "input_stream", mode="before")
+    @classmethod
+    def _renamed(cls, v: Any, info: ValidationInfo) -> Any:
+        new = RENAMED_CHOICES[info.field_name].get(v) if isinstance(v, str) else None
+        if new is None:
+            return v
+        warnings.warn(f"{info.field_name} {v!r} is now called {new!r}; the old name will be removed",
+                      FutureWarning, stacklevel=2)
+        return new
+
+    @model_validator(mode="after")
+    def _teal_keeps_weights(self) -> DuoConfig:
+        if self.method == "teal" and self.weight_sparsity != 0:
+            raise ValueError(f"method 'teal' keeps every weight: weight_sparsity must be 0, not {self.weight_sparsity}")
+        return self
 
     @field_validator("format_version")
     @classmethod
@@ -194,8 +247,9 @@ def _shards(model_dir: str | os.PathLike) -> list[Path]:
 
 
 def load_thresholds(ckpt_dir: str | os.PathLike) -> dict[tuple[int, str], float]:
-    """All input thresholds of a checkpoint, keyed by (layer index, linear name); each one a finite, >= 0
-    float32 scalar. Every shard's header is read, so a truncated or corrupt shard is named here."""
+    """All input thresholds of a checkpoint, keyed by (layer index, linear name): float32 scalars, one per
+    decoder linear that config.json implies, checked by :func:`check_thresholds`. Every shard's header is
+    read, so a truncated or corrupt shard is named here."""
     out: dict[tuple[int, str], float] = {}
     for f in _shards(ckpt_dir):
         with _open_shard(f) as sf:
@@ -207,10 +261,8 @@ def load_thresholds(ckpt_dir: str | os.PathLike) -> dict[tuple[int, str], float]
                 if t.dtype != torch.float32 or t.dim() != 0:
                     raise DuoFormatError(f"{f.name}: threshold {name} is {str(t.dtype).removeprefix('torch.')} "
                                          f"of shape {list(t.shape)} (expected a float32 scalar)")
-                value = float(t)
-                if not math.isfinite(value) or value < 0:
-                    raise DuoFormatError(f"{f.name}: threshold {name} = {value} (must be finite and >= 0)")
-                out[key] = value
+                out[key] = float(t)
+    check_thresholds(out, all_linears(read_hf_config(ckpt_dir)["num_hidden_layers"]), str(ckpt_dir))
     return out
 
 
@@ -270,22 +322,37 @@ def check_weights(model_dir: str | os.PathLike, config: dict) -> None:
                              f"({arch}, {num_layers} layers) requires")
 
 
-def check_thresholds(thresholds: dict[tuple[int, str], float], num_layers: int, source: str) -> None:
-    """Every decoder linear has a threshold, and linears sharing an input share it."""
+def all_linears(num_layers: int) -> list[tuple[int, str]]:
+    """(layer, linear) of every decoder linear of a model with `num_layers` blocks: the thresholds it needs."""
+    return [(layer, name) for layer in range(num_layers) for name in LINEAR_NAMES]
+
+
+def check_thresholds(thresholds: dict[tuple[int, str], float], expected: list[tuple[int, str]], source: str) -> None:
+    """The one threshold validation (calibrator before writing, duo-serve, the plugin per layer): every
+    expected linear has a finite threshold >= 0 (NaN counts as missing), there are none for other layers,
+    and linears that share an input share it."""
     if not thresholds:
         raise DuoFormatError(f"{source}: no input thresholds in any *.safetensors file "
                              f"(is {THRESHOLDS_FILE} missing?)")
-    beyond = sorted({layer for layer, _ in thresholds if layer >= num_layers})
+    layers = {layer for layer, _ in expected}
+    beyond = sorted({layer for layer, _ in thresholds if layer not in layers})
     if beyond:
         raise DuoFormatError(f"{source}: thresholds for layer {beyond[0]}, but config.json has "
-                             f"num_hidden_layers {num_layers}")
-    for layer in range(num_layers):
+                             f"num_hidden_layers {max(layers) + 1}")
+    unknown = sorted(set(thresholds) - set(expected))
+    if unknown:
+        raise DuoFormatError(f"{source}: threshold {threshold_name(*unknown[0])} belongs to no decoder linear "
+                             f"(known: {', '.join(LINEAR_NAMES)})")
+    for key in expected:
+        t = thresholds.get(key, math.nan)
+        if math.isnan(t):
+            raise DuoFormatError(f"{source}: threshold {threshold_name(*key)} is missing")
+        if not math.isfinite(t) or t < 0:
+            raise DuoFormatError(f"{source}: threshold {threshold_name(*key)} = {t} (must be finite and >= 0)")
+    for layer in sorted(layers):
         for group, names in LINEAR_GROUPS.items():
-            missing = [n for n in names if (layer, n) not in thresholds]
-            if missing:
-                raise DuoFormatError(f"{source}: missing threshold {threshold_name(layer, missing[0])}")
-            values = {thresholds[(layer, n)] for n in names}
-            if len(values) != 1:
+            values = {thresholds[(layer, n)] for n in names if (layer, n) in thresholds}
+            if len(values) > 1:
                 raise DuoFormatError(
                     f"{source}: layer {layer} {group} linears share one input but have thresholds {sorted(values)}"
                 )
@@ -317,8 +384,7 @@ def atomic_output_dir(out_dir: str | os.PathLike, force: bool = False) -> Iterat
     outright (kill -9, OOM killer) leaves its ``.NAME.tmp-PID-*`` directory: the next writer removes it.
     """
     out = Path(out_dir).resolve()
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists (pass --force to replace it)")
+    refuse_existing(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
@@ -337,12 +403,96 @@ def atomic_output_dir(out_dir: str | os.PathLike, force: bool = False) -> Iterat
         raise
 
 
-def write_report(ckpt_dir: str | os.PathLike, report: dict) -> None:
-    Path(ckpt_dir, REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+class LayerRecord(BaseModel):
+    """What calibration did to one decoder linear."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layer: int
+    linear: str
+    numel: int
+    weight_sparsity: float  # zero fraction of the written weight
+    act_sparsity: float  # zero fraction of its thresholded input on the calibration tokens
+    threshold: float
+    rel_error: float  # ||(W - W_new) X||^2 / ||W X||^2 on the calibration tokens (in-sample)
+    block_seconds: float | None = None  # wall time of its block; None for a block replayed by --resume
 
 
-def read_report(ckpt_dir: str | os.PathLike) -> dict:
-    return json.loads(Path(ckpt_dir, REPORT_FILE).read_text())
+class ReportSummary(BaseModel):
+    weight_sparsity: float  # parameter-weighted over all pruned linears
+    act_sparsity: float
+    mean_rel_error: float
+
+
+class CalibrationData(BaseModel):
+    dataset: str
+    shape: list[int]  # [sequences, tokens per sequence]
+    fingerprint: str
+
+
+class CalibrationReport(BaseModel):
+    """``duo_report.json``: what calibration achieved, and with what."""
+
+    config: DuoConfig
+    model: str  # the input model directory
+    calibration_data: CalibrationData
+    seconds: float
+    resumed_blocks: int
+    device: str
+    peak_gpu_bytes: int | None
+    host: str
+    layers: list[LayerRecord]
+
+    @computed_field
+    @property
+    def summary(self) -> ReportSummary:
+        rows, numel = self.layers, sum(r.numel for r in self.layers)
+        return ReportSummary(weight_sparsity=sum(r.weight_sparsity * r.numel for r in rows) / numel,
+                             act_sparsity=sum(r.act_sparsity for r in rows) / len(rows),
+                             mean_rel_error=sum(r.rel_error for r in rows) / len(rows))
+
+
+def read_report(ckpt_dir: str | os.PathLike) -> CalibrationReport:
+    path = Path(ckpt_dir, REPORT_FILE)
+    try:
+        return CalibrationReport.model_validate_json(path.read_text())
+    except (OSError, ValidationError) as e:
+        raise DuoFormatError(f"{path}: not a duo calibration report ({str(e).splitlines()[0]})") from None
+
+
+def refuse_existing(out: str | os.PathLike, force: bool, hint: str = "pass --force to replace it") -> None:
+    if Path(out).exists() and not force:
+        raise FileExistsError(f"--out {out} already exists ({hint})")
+
+
+def write_checkpoint(out_dir: str | os.PathLike, model: Any, tokenizer: Any, thresholds: dict[tuple[int, str], float],
+                     report: CalibrationReport, force: bool = False) -> Path:
+    """Write a calibrated transformers model as a duo checkpoint, atomically: its weights, tokenizer,
+    thresholds file, ``quantization_config`` (``report.config``) and report. The thresholds are checked
+    first, so nothing the plugin would refuse is written."""
+    check_thresholds(thresholds, all_linears(model.config.num_hidden_layers), f"calibration of {report.model}")
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        save_file({threshold_name(layer, name): threshold_tensor(t) for (layer, name), t in thresholds.items()},
+                  str(tmp / THRESHOLDS_FILE))
+        _add_quantization_config(tmp, report.config)
+        (tmp / REPORT_FILE).write_text(report.model_dump_json(indent=2) + "\n")
+    return Path(out_dir)
+
+
+def _add_quantization_config(ckpt: Path, cfg: DuoConfig) -> None:
+    """quantization_config into config.json, and the thresholds file into a sharded index if there is one."""
+    config_file = ckpt / "config.json"
+    config = json.loads(config_file.read_text())
+    config["quantization_config"] = cfg.model_dump()
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    index_file = ckpt / "model.safetensors.index.json"
+    if index_file.is_file():
+        index = json.loads(index_file.read_text())
+        with _open_shard(ckpt / THRESHOLDS_FILE) as sf:
+            index["weight_map"].update({name: THRESHOLDS_FILE for name in sf.keys()})
+        index_file.write_text(json.dumps(index, indent=2) + "\n")
 
 
 def apply_threshold(x: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:

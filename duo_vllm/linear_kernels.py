@@ -148,7 +148,7 @@ class TritonKernel(DuoLinearKernel):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         self.packed = kernels.pack_weight(layer.weight.data)
-        if self.packed.dense is None:
+        if self.packed.gemm_weight is None:
             _free_weight(layer)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

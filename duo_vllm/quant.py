@@ -33,8 +33,8 @@ from duo_vllm.format import (
     THRESHOLD_SUFFIX,
     DuoConfig,
     DuoFormatError,
+    check_thresholds,
     parse_config,
-    threshold_name,
 )
 from duo_vllm.linear_kernels import DuoLinearKernel, LayerSpec, choose_kernel
 
@@ -151,7 +151,8 @@ class DuoLinearMethod(LinearMethodBase):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         thresholds = getattr(layer, THRESHOLD_SUFFIX).data.tolist()
-        self._check_thresholds(thresholds)
+        # NaN (the fill value) is what a threshold the checkpoint lacks reads as
+        check_thresholds(dict(zip(self.linears, thresholds)), self.linears, "duo checkpoint")
         self._check_sparsity(layer)
         # Runtime layout (after TP sharding): one 0-dim threshold in the activation dtype, like the reference.
         layer.input_threshold = Parameter(
@@ -166,25 +167,9 @@ class DuoLinearMethod(LinearMethodBase):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return self.kernel.apply(layer, x, bias)
 
-    def _check_thresholds(self, thresholds: list[float]) -> None:
-        for (layer_idx, name), t in zip(self.linears, thresholds):
-            if math.isnan(t):
-                raise DuoFormatError(f"duo checkpoint: threshold {threshold_name(layer_idx, name)} is missing (or NaN)")
-            if not math.isfinite(t) or t < 0:
-                raise DuoFormatError(
-                    f"duo checkpoint: threshold {threshold_name(layer_idx, name)} = {t} (must be finite and >= 0)"
-                )
-        if len(set(thresholds)) != 1:
-            layer_idx = self.linears[0][0]
-            raise DuoFormatError(
-                f"duo checkpoint: layer {layer_idx} linears {[n for _, n in self.linears]} share one input "
-                f"but have thresholds {thresholds}"
-            )
-
     def _check_sparsity(self, layer: torch.nn.Module) -> None:
         """Each shard's zero fraction matches the config, and every value is finite."""
-        # method 'dense' calibrates thresholds only: its weights are unpruned whatever weight_sparsity says
-        expected = 0.0 if self.config.method == "dense" else self.config.weight_sparsity
+        expected = self.config.weight_sparsity
         shards = layer.weight.data.split(self.output_partition_sizes)
         # float32 (vLLM's CPU shared-memory all-reduce has no float64); a ratio needs no more
         counts = torch.tensor([[float((w == 0).sum()), float(w.numel()), float((~w.isfinite()).sum())]

@@ -12,10 +12,8 @@ import torch
 from torch import nn
 
 from duo_vllm.format import (
-    LINEAR_NAMES,
     apply_threshold,
     causal_lm_class,
-    check_thresholds,
     check_weights,
     load_thresholds,
     read_config,
@@ -47,9 +45,7 @@ def load_reference_model(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch
     model = causal_lm_class(config, str(Path(ckpt_dir) / "config.json")).from_pretrained(
         str(ckpt_dir), dtype=dtype, use_safetensors=True)
     model.eval()
-    thresholds = load_thresholds(ckpt_dir)
-    check_thresholds(thresholds, model.config.num_hidden_layers, str(ckpt_dir))
-    attach_thresholds(model, {k: v for k, v in thresholds.items() if k[1] in LINEAR_NAMES})
+    attach_thresholds(model, load_thresholds(ckpt_dir))
     return model
 
 

@@ -103,6 +103,45 @@ def test_sparsity_out_of_range(tmp_path, capsys, flag, value):
     assert_nothing_written(out)
 
 
+def test_flags_follow_the_config_schema():
+    """One flag per calibration field of DuoConfig, with its default, choices and description."""
+    from duo_vllm.format import DuoConfig
+
+    p = cli.build_parser()
+    flags = {a.dest: a for a in p._actions}
+    for name, field in DuoConfig.model_fields.items():
+        if name in ("quant_method", "format_version"):
+            assert name not in flags
+            continue
+        assert flags[name].option_strings == ["--" + name.replace("_", "-")]
+        assert field.description and field.description in flags[name].help
+        if name != "weight_sparsity":
+            assert flags[name].default == field.default
+    assert flags["method"].choices == ["duogpt", "sparsegpt", "wanda", "magnitude", "teal", "dense"]
+    args = p.parse_args(["--model", "m", "--out", "o", "--method", "teal"])
+    assert cli.config_from_args(p, args).weight_sparsity == 0.0  # teal prunes nothing
+    args = p.parse_args(["--model", "m", "--out", "o"])
+    assert cli.config_from_args(p, args) == DuoConfig()
+
+
+def test_old_method_name_is_read_with_a_warning(capsys):
+    p = cli.build_parser()
+    cfg = cli.config_from_args(p, p.parse_args(["--model", "m", "--out", "o", "--method", "dense",
+                                                "--input-stream", "dense"]))
+    assert (cfg.method, cfg.weight_sparsity, cfg.input_stream) == ("teal", 0.0, "original")
+    err = capsys.readouterr().err
+    assert "warning: method 'dense' is now called 'teal'" in err
+    assert "warning: input_stream 'dense' is now called 'original'" in err
+
+
+def test_teal_with_weight_sparsity_is_refused(tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    code, err = run_cli(cli.main, ["--model", str(tmp_path), "--out", str(out), "--method", "teal",
+                                   "--weight-sparsity", "0.5"], capsys)
+    assert code == 2 and "method 'teal' keeps every weight: weight_sparsity must be 0, not 0.5" in err
+    assert_nothing_written(out)
+
+
 def test_empty_and_short_dataset(smollm2_dir, tmp_path, capsys):
     out = tmp_path / "ckpt"
     empty = tmp_path / "empty.txt"

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 from calibrate import data, evaluate, models
-from duo_vllm.format import LINEAR_NAMES, check_thresholds, load_thresholds, read_config, read_report
+from duo_vllm.format import LINEAR_NAMES, load_thresholds, read_config, read_report
 
 pytestmark = pytest.mark.slow
 EVAL_SEQLEN = 512
@@ -39,16 +39,17 @@ def test_checkpoint_format_and_sparsity(duo_checkpoint, smollm2_dir):
 
     report = read_report(ckpt)
     # exact per block, plus the weights of input channels never active in calibration (zeroed)
-    assert 0.5 <= report["summary"]["weight_sparsity"] <= 0.5 + 1e-3
-    assert report["summary"]["act_sparsity"] == pytest.approx(0.5, abs=0.01)
-    assert len(report["layers"]) == 30 * len(LINEAR_NAMES)
-    assert all(0 <= r["rel_error"] < 1 for r in report["layers"])
-    assert report["calibration_data"]["shape"] == [8, 256] and len(report["calibration_data"]["fingerprint"]) == 16
+    assert 0.5 <= report.summary.weight_sparsity <= 0.5 + 1e-3
+    assert report.summary.act_sparsity == pytest.approx(0.5, abs=0.01)
+    assert len(report.layers) == 30 * len(LINEAR_NAMES)
+    assert all(0 <= r.rel_error < 1 for r in report.layers)
+    assert report.calibration_data.shape == [8, 256] and len(report.calibration_data.fingerprint) == 16
+    assert report.config == cfg
     # what the report says is in the file
-    assert weight_zero_fraction(ckpt) == pytest.approx(report["summary"]["weight_sparsity"], abs=1e-9)
+    assert weight_zero_fraction(ckpt) == pytest.approx(report.summary.weight_sparsity, abs=1e-9)
 
     thresholds = load_thresholds(ckpt)
-    check_thresholds(thresholds, 30, str(ckpt))
+    assert len(thresholds) == 30 * len(LINEAR_NAMES)  # load_thresholds checked them against config.json
     assert all(t > 0 for t in thresholds.values())
 
 
@@ -71,7 +72,7 @@ def test_thresholds_only_checkpoint_keeps_weights(duo_checkpoint, smollm2_dir):
     tuned = models.load_model(ckpt)
     for (name, a), b in zip(dense.named_parameters(), tuned.parameters()):
         assert torch.equal(a, b), name
-    assert read_report(ckpt)["summary"]["act_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert read_report(ckpt).summary.act_sparsity == pytest.approx(0.5, abs=0.01)
 
 
 @pytest.fixture(scope="module")

@@ -85,14 +85,18 @@ def test_entry_point_registers_duo():
 
 
 def test_config_from_checkpoint_dict():
-    raw = {"quant_method": "duo", "format_version": 1, "method": "dense", "weight_sparsity": 0.0, "act_sparsity": 0.4}
+    raw = {"quant_method": "duo", "format_version": 1, "method": "teal", "weight_sparsity": 0.0, "act_sparsity": 0.4}
     qc = DuoQuantConfig.from_config(raw)
-    assert qc.get_name() == "duo" and qc.config.method == "dense" and qc.config.act_sparsity == 0.4
+    assert qc.get_name() == "duo" and qc.config.method == "teal" and qc.config.act_sparsity == 0.4
+    with pytest.warns(FutureWarning, match="method 'dense' is now called 'teal'"):  # checkpoints written before
+        assert DuoQuantConfig.from_config({**raw, "method": "dense"}).config.method == "teal"
+    with pytest.raises(DuoFormatError, match="method 'teal' keeps every weight"):
+        DuoQuantConfig.from_config({**raw, "weight_sparsity": 0.5})
     assert torch.float32 in qc.get_supported_act_dtypes()
     with pytest.raises(DuoFormatError, match=r"weight_sparsity: Input should be less than 1"):
         DuoQuantConfig.from_config({**raw, "weight_sparsity": 1.5})
     with pytest.raises(DuoFormatError, match=r"quantization_config lacks weight_sparsity, act_sparsity"):
-        DuoQuantConfig.from_config({"quant_method": "duo", "format_version": 1, "method": "dense"})
+        DuoQuantConfig.from_config({"quant_method": "duo", "format_version": 1, "method": "teal"})
     with pytest.raises(DuoFormatError, match=r"format_version: .*2 is newer than this duo-vllm reads \(1\): upgrade"):
         DuoQuantConfig.from_config({**raw, "format_version": 2})
     with pytest.raises(DuoFormatError, match=r"format_version: .*0 is not a duo format version"):

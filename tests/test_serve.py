@@ -282,7 +282,7 @@ def w50x50(duo_checkpoint) -> Path:
 
 @pytest.fixture(scope="session")
 def thresholds_only(duo_checkpoint) -> Path:
-    return duo_checkpoint("dense", 0.0, 0.5)
+    return duo_checkpoint("teal", 0.0, 0.5)
 
 
 @pytest.fixture(scope="session")

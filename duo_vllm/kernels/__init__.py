@@ -1,14 +1,13 @@
 """Dual-sparse linear kernels: the bitmap weight format, Triton kernels and the ``duo`` torch op.
 
-The vLLM plugin uses two names:
+The vLLM plugin uses three names:
   packed = pack_weight(weight)                       # process_weights_after_loading, after TP sharding
   y = dual_sparse_linear(x, threshold, packed, bias)  # apply()
   ok, why = can_serve(weight.shape, weight.dtype, weight.device)  # before packing: can Triton serve it?
 Importing this package never imports triton; the Triton module is loaded on first CUDA use.
 """
-from duo_vllm.kernels.dispatch import PATHS, can_serve, choose_path, dual_sparse_linear, load_table
+from duo_vllm.kernels.dispatch import can_serve, choose_path, dual_sparse_linear, load_table
 from duo_vllm.kernels.packing import (
-    PackedWeight,
     channel_bytes,
     dense_bytes,
     format_bytes,
@@ -18,8 +17,6 @@ from duo_vllm.kernels.packing import (
 )
 
 __all__ = [
-    "PATHS",
-    "PackedWeight",
     "can_serve",
     "channel_bytes",
     "choose_path",

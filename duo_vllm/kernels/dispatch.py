@@ -3,8 +3,9 @@
 Paths per call, chosen from (N, K, M) only, so the choice is fixed for a captured CUDA graph:
   "dual"    decode kernel (M <= 16), channels dead for the whole batch skipped
   "wsparse" bitmap kernels reading every segment (weight sparsity only); for M > 16 the "load
-            sparse, compute dense" tl.dot kernel, the prefill path when no dense copy is kept
-  "dense"   F.linear on the thresholded x with the dense weight (cuBLAS), only if ``keep_dense``
+            sparse, compute dense" tl.dot kernel, the prefill path when no gemm weight is kept
+  "gemm"    F.linear on the thresholded x with the kept dense weight (cuBLAS), only if
+            ``keep_gemm_weight``
 On CUDA the op needs triton: without it, it raises (``can_serve`` says so beforehand); it never
 falls back to torch silently. The CPU registration is plain torch (F.linear on the thresholded x,
 the weight unpacked from the bitmap): it serves opcheck / torch.compile tests on CPU machines and
@@ -15,7 +16,7 @@ Crossovers come from a measured table (``benchmarks/kernel_bench.py --write-tabl
 an M uses the entry of the smallest measured M >= it; shapes or M beyond the table use the default.
 DEFAULT, UNTIL GPU MEASUREMENTS EXIST, from the static sm_90 model (benchmarks/kernel_static.py), not a
 measurement: "dual" for M <= 4 (model at W50+X50: 0.35x dense time at M = 1, 0.53x at 2, 0.95x at
-4), beyond that "dense" if a dense copy is kept; without one (the default) "dual" up to M = 16 (the
+4), beyond that "gemm" if a gemm weight is kept; without one (the default) "dual" up to M = 16 (the
 model has it issue-bound there, 1.3-1.8x dense) and "wsparse" (the tl.dot kernel) beyond.
 """
 from __future__ import annotations
@@ -31,8 +32,8 @@ import torch.nn.functional as F
 from duo_vllm.format import apply_threshold
 from duo_vllm.kernels.packing import PackedWeight, unpack_weight
 
-PATHS = ("dual", "wsparse", "dense")
-DEFAULT_DUAL_MAX_M = 4  # with a dense copy kept; without one the decode kernel serves M <= 16
+PATHS = ("dual", "wsparse", "gemm")
+DEFAULT_DUAL_MAX_M = 4  # with a gemm weight kept; without one the decode kernel serves M <= 16
 # the table the benchmark writes and the lead commits; DUO_CROSSOVER_TABLE overrides the location
 TABLE_PATH = Path(os.environ.get("DUO_CROSSOVER_TABLE", Path(__file__).with_name("crossover.json")))
 
@@ -47,7 +48,8 @@ def load_table(path: str | os.PathLike = TABLE_PATH) -> dict[tuple[int, int], li
     table = {}
     for shape, by_m in raw["shapes"].items():
         n, k = (int(v) for v in shape.split("x"))
-        entries = sorted((int(m), p) for m, p in by_m.items())
+        # "dense" is what tables written before the rename call the "gemm" path
+        entries = sorted((int(m), "gemm" if p == "dense" else p) for m, p in by_m.items())
         bad = [p for _, p in entries if p not in PATHS]
         if bad:
             raise ValueError(f"{path}: shape {shape}: unknown path(s) {bad}, expected one of {PATHS}")
@@ -55,7 +57,7 @@ def load_table(path: str | os.PathLike = TABLE_PATH) -> dict[tuple[int, int], li
     return table
 
 
-def choose_path(m: int, n: int, k: int, has_dense: bool = True,
+def choose_path(m: int, n: int, k: int, has_gemm_weight: bool = True,
                 table: dict[tuple[int, int], list[tuple[int, str]]] | None = None) -> str:
     """Which path serves an [m, k] x [k, n] product (see module docstring)."""
     table = load_table() if table is None else table
@@ -65,27 +67,27 @@ def choose_path(m: int, n: int, k: int, has_dense: bool = True,
             path = p
             break
     if path is None:
-        dual_max = DEFAULT_DUAL_MAX_M if has_dense else 16
-        path = "dual" if m <= dual_max else "dense"
-    if path == "dense" and not has_dense:
+        dual_max = DEFAULT_DUAL_MAX_M if has_gemm_weight else 16
+        path = "dual" if m <= dual_max else "gemm"
+    if path == "gemm" and not has_gemm_weight:
         path = "wsparse"
     return path
 
 
-def _thresholded(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+def _apply_threshold(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     # the threshold rounded to x's dtype, which is what a 0-d fp32 threshold gets by type promotion
     return apply_threshold(x, threshold.reshape(()).to(x.dtype))
 
 
 def _packed(values, masks, offsets, tickets, n: int, k: int, block_n: int) -> PackedWeight:
-    return PackedWeight(values=values, masks=masks, offsets=offsets, col_nnz=masks.new_empty(0), dense=None,
+    return PackedWeight(values=values, masks=masks, offsets=offsets, col_nnz=masks.new_empty(0), gemm_weight=None,
                         tickets=tickets, out_features=n, in_features=k, block_n=block_n)
 
 
-def _torch_impl(x, threshold, values, masks, offsets, tickets, dense, bias, out_features: int, block_n: int):
-    w = dense if dense is not None else unpack_weight(_packed(values, masks, offsets, tickets, out_features,
+def _torch_impl(x, threshold, values, masks, offsets, tickets, gemm_weight, bias, out_features: int, block_n: int):
+    w = gemm_weight if gemm_weight is not None else unpack_weight(_packed(values, masks, offsets, tickets, out_features,
                                                               x.shape[1], block_n))
-    return F.linear(_thresholded(x, threshold), w, bias)
+    return F.linear(_apply_threshold(x, threshold), w, bias)
 
 
 @functools.cache
@@ -98,13 +100,13 @@ def _triton_kernels():
     return triton_kernels
 
 
-def _cuda_impl(x, threshold, values, masks, offsets, tickets, dense, bias, out_features: int, block_n: int):
+def _cuda_impl(x, threshold, values, masks, offsets, tickets, gemm_weight, bias, out_features: int, block_n: int):
     k = x.shape[1]
-    path = choose_path(x.shape[0], out_features, k, dense is not None)
+    path = choose_path(x.shape[0], out_features, k, gemm_weight is not None)
     if x.shape[0] == 0:
         return x.new_empty(0, out_features)
-    if path == "dense":
-        return F.linear(_thresholded(x, threshold), dense, bias)
+    if path == "gemm":
+        return F.linear(_apply_threshold(x, threshold), gemm_weight, bias)
     tk = _triton_kernels()
     if tk is None:
         raise RuntimeError("duo: the dual-sparse CUDA kernels need triton, which cannot be imported here "
@@ -113,7 +115,7 @@ def _cuda_impl(x, threshold, values, masks, offsets, tickets, dense, bias, out_f
     return tk.bitmap_matmul(x, threshold, packed, bias, skip_channels=path == "dual")
 
 
-def _fake_impl(x, threshold, values, masks, offsets, tickets, dense, bias, out_features: int, block_n: int):
+def _fake_impl(x, threshold, values, masks, offsets, tickets, gemm_weight, bias, out_features: int, block_n: int):
     return x.new_empty(x.shape[0], out_features)
 
 
@@ -123,7 +125,7 @@ _lib.define(
     # tickets: per-tile split-K counters the decode kernel increments and resets to 0 before it exits, so
     # they hold the same value between launches (not declared as mutated: nothing observes a change)
     "dual_sparse_linear(Tensor x, Tensor threshold, Tensor values, Tensor masks, Tensor offsets, "
-    "Tensor tickets, Tensor? dense, Tensor? bias, int out_features, int block_n) -> Tensor"
+    "Tensor tickets, Tensor? gemm_weight, Tensor? bias, int out_features, int block_n) -> Tensor"
 )
 _lib.impl("dual_sparse_linear", _cuda_impl, "CUDA")
 _lib.impl("dual_sparse_linear", _torch_impl, "CPU")
@@ -150,7 +152,7 @@ def dual_sparse_linear(x: torch.Tensor, threshold: torch.Tensor, packed: PackedW
     lead = x.shape[:-1]
     y = torch.ops.duo.dual_sparse_linear(
         x.reshape(-1, x.shape[-1]), threshold, packed.values, packed.masks, packed.offsets, packed.tickets,
-        packed.dense, bias, packed.out_features, packed.block_n,
+        packed.gemm_weight, bias, packed.out_features, packed.block_n,
     )
     return y.reshape(*lead, packed.out_features)
 

@@ -13,7 +13,7 @@ pruned weights are never stored or read.
 Bytes per dense element, relative to dense bf16/fp16 (2 B): (1 - p_w) for values + 1/16 for the mask +
 2/block_n for the offset, i.e. 0.578 of dense at p_w = 0.5, block_n = 128 (1.156 B per dense element);
 plus one int32 ticket per output tile (the decode kernel's split-K completion counter). That is the
-whole resident weight: ``pack_weight`` keeps no dense copy unless asked (``keep_dense``).
+whole resident weight: ``pack_weight`` keeps no dense copy unless asked (``keep_gemm_weight``).
 Choices, by bytes read per segment:
 - one offset per segment rather than one per block of channels: with shared offsets a segment's start
   is a prefix sum over the masks of all channels before it, so dead channels' masks (block_n / 8 = 16 B)
@@ -42,7 +42,7 @@ class PackedWeight:
     masks:    [T, K, block_n // 32] int32 bitmaps
     offsets:  [T, K] int32 start of each segment in ``values``
     col_nnz:  [K] int32 nonzeros per input channel (byte accounting only; never read by kernels)
-    dense:    [N, K] the original weight, or None (the default: see ``pack_weight``)
+    gemm_weight: [N, K] the original weight for the "gemm" path, or None (the default: see ``pack_weight``)
     tickets:  [T] int32, zero between launches: the decode kernel's per-tile split-K counters
     out_features, in_features, block_n: N, K and the tile width
     """
@@ -51,7 +51,7 @@ class PackedWeight:
     masks: torch.Tensor
     offsets: torch.Tensor
     col_nnz: torch.Tensor
-    dense: torch.Tensor | None
+    gemm_weight: torch.Tensor | None
     tickets: torch.Tensor
     out_features: int
     in_features: int
@@ -66,18 +66,19 @@ class PackedWeight:
         return self.masks.shape[0]
 
 
-def pack_weight(weight: torch.Tensor, block_n: int = DEFAULT_BLOCK_N, keep_dense: bool = False) -> PackedWeight:
+def pack_weight(weight: torch.Tensor, block_n: int = DEFAULT_BLOCK_N,
+                keep_gemm_weight: bool = False) -> PackedWeight:
     """Build the bitmap format from a dense-with-zeros weight [N, K], on the weight's device.
 
     Call once at load time, after tensor-parallel sharding (not inside CUDA-graph capture: it
     allocates the zeroed tickets).
 
-    ``keep_dense`` is a memory-vs-speed choice, off by default: True keeps a reference to ``weight``
-    (no copy) so large batches (prefill) run cuBLAS on it, which holds 0.578 + 1 = 1.58x the dense
-    weight bytes at p_w = 0.5 (vLLM takes that from the KV cache). False (default) keeps only the
-    bitmap (0.578x) and large batches run the "load sparse, compute dense" tl.dot kernel on it; the
-    caller may then free ``weight``. Switch the default only after a GPU measurement shows that
-    sparse prefill path slower than 1.2x dense.
+    ``keep_gemm_weight`` is a memory-vs-speed choice, off by default: True keeps a reference to
+    ``weight`` (no copy) so large batches (prefill) run cuBLAS on it (the "gemm" path), which holds
+    0.578 + 1 = 1.58x the dense weight bytes at p_w = 0.5 (vLLM takes that from the KV cache). False
+    (default) keeps only the bitmap (0.578x) and large batches run the "load sparse, compute dense"
+    tl.dot kernel on it; the caller may then free ``weight``. Switch the default only after a GPU
+    measurement shows that sparse prefill path slower than 1.2x dense.
     """
     if weight.dim() != 2:
         raise ValueError(f"weight must be [N, K], got shape {tuple(weight.shape)}")
@@ -106,7 +107,7 @@ def pack_weight(weight: torch.Tensor, block_n: int = DEFAULT_BLOCK_N, keep_dense
         masks=masks.contiguous(),
         offsets=offsets,
         col_nnz=nz.sum((0, 2), dtype=torch.int32),
-        dense=weight if keep_dense else None,
+        gemm_weight=weight if keep_gemm_weight else None,
         tickets=torch.zeros(tiles, dtype=torch.int32, device=weight.device),
         out_features=n,
         in_features=k,
@@ -115,7 +116,7 @@ def pack_weight(weight: torch.Tensor, block_n: int = DEFAULT_BLOCK_N, keep_dense
 
 
 def unpack_weight(packed: PackedWeight) -> torch.Tensor:
-    """The dense [N, K] weight back from the bitmap format (tests, and the CPU path without a dense copy)."""
+    """The dense [N, K] weight back from the bitmap format (tests, and the CPU path without a gemm weight)."""
     tiles, k, bn = packed.num_tiles, packed.in_features, packed.block_n
     shifts = torch.arange(8, device=packed.masks.device, dtype=torch.uint8)
     bits = (packed.masks.view(torch.uint8).view(tiles, k, bn // 8, 1) >> shifts) & 1
@@ -153,8 +154,8 @@ def dense_bytes(packed: PackedWeight) -> int:
 
 
 def resident_bytes(packed: PackedWeight) -> int:
-    """Bytes the packed layer keeps on the device: values, masks, offsets, tickets, and the dense copy if kept."""
+    """Bytes the packed layer keeps on the device: values, masks, offsets, tickets, and the gemm weight if kept."""
     tensors = [packed.values, packed.masks, packed.offsets, packed.tickets]
-    if packed.dense is not None:
-        tensors.append(packed.dense)
+    if packed.gemm_weight is not None:
+        tensors.append(packed.gemm_weight)
     return sum(t.numel() * t.element_size() for t in tensors)

@@ -381,7 +381,6 @@ SCAN = 128  # channels per compaction step
 # work: 40 registers, 0.42). Larger M: 4 warps, words broadcast; more tokens need more accumulator
 # registers per channel, so fewer channels per iteration.
 DECODE_CONFIG = {1: (8, 1), 2: (8, 1), 4: (16, 4), 8: (4, 4), 16: (4, 4)}
-H100_SMS = 132
 
 
 def programs_per_sm(registers: int, num_warps: int, shared_bytes: int = 0) -> int:
@@ -558,38 +557,7 @@ def _meta_packed(n: int, k: int, dtype: torch.dtype, block_n: int = 128, p_w: fl
     return PackedWeight(values=torch.empty(int(n * k * (1 - p_w)) + 1, dtype=dtype, **meta),
                         masks=torch.empty(tiles, k, block_n // 32, dtype=torch.int32, **meta),
                         offsets=torch.empty(tiles, k, dtype=torch.int32, **meta),
-                        col_nnz=torch.empty(k, dtype=torch.int32, **meta), dense=None,
+                        col_nnz=torch.empty(k, dtype=torch.int32, **meta), gemm_weight=None,
                         tickets=torch.empty(tiles, dtype=torch.int32, **meta),
                         out_features=n, in_features=k, block_n=block_n)
 
-
-def compile_report(arch: int = 90, n: int = 4096, k: int = 4096, batches: tuple[int, ...] = (1, 2, 4, 8, 16, 64),
-                   dtype: torch.dtype = torch.bfloat16) -> list[dict]:
-    """Compile every launch of the kernels ahead of time for sm_<arch>, without a GPU: the decode kernel
-    (dual and weight-sparse-only, split-K and direct) for M <= 16, the tl.dot bitmap kernel and the
-    activation-only baseline above. Catches GPU-only compile errors the interpreter cannot see and
-    reports registers / spills (resource usage, not speed)."""
-    meta = dict(device="meta")
-    packed = _meta_packed(n, k, dtype)
-    weight_t = torch.empty(k, n, dtype=dtype, **meta)
-    report = []
-    for m in batches:
-        x, t = torch.empty(m, k, dtype=dtype, **meta), torch.empty(1, **meta)
-        launches = []
-        if m <= DECODE_MAX_M:
-            for skip, split in ((True, None), (False, None), (True, 1)):
-                launches.append((f"decode skip={skip} split={split or 'auto'}",
-                                 decode_call(x, t, packed, None, skip_channels=skip, split_k=split,
-                                             slots=H100_SMS * 4)[1]))
-        else:
-            tensors = (packed.values, packed.masks, packed.offsets)
-            for skip in (True, False):
-                launches += [(f"bitmap skip={skip}", c) for c in
-                             _calls(_bitmap_kernel, tensors, x, t, n, 128, None, None, None, 1, SKIP_CHANNELS=skip)[1]]
-            launches += [("act_sparse", c) for c in _calls(_act_sparse_kernel, (weight_t,), x, t, n, 128, None,
-                                                            None, None, 1)[1]]
-        for name, launch in launches:
-            r = aot_compile(launch, arch)
-            report.append(dict(kernel=r["kernel"], variant=name, m=m, grid=list(r["grid"]), num_warps=r["num_warps"],
-                               registers=r["registers"], stack=r["stack"], local=r["local"], shared=r["shared"]))
-    return report

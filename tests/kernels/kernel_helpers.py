@@ -36,3 +36,41 @@ def reference(x: torch.Tensor, t: torch.Tensor, w: torch.Tensor, bias: torch.Ten
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+H100_SMS = 132
+
+
+def compile_report(arch: int = 90, n: int = 4096, k: int = 4096, batches: tuple[int, ...] = (1, 2, 4, 8, 16, 64),
+                   dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """Compile every launch of the kernels ahead of time for sm_<arch>, without a GPU: the decode kernel
+    (dual and weight-sparse-only, split-K and direct) for M <= 16, the tl.dot bitmap kernel and the
+    activation-only baseline above. Catches GPU-only compile errors the interpreter cannot see and
+    reports registers / spills (resource usage, not speed). Needs TRITON_INTERPRET unset."""
+    from duo_vllm.kernels import triton_kernels as tk  # here: importing it needs triton
+
+    meta = dict(device="meta")
+    packed = tk._meta_packed(n, k, dtype)
+    weight_t = torch.empty(k, n, dtype=dtype, **meta)
+    report = []
+    for m in batches:
+        x, t = torch.empty(m, k, dtype=dtype, **meta), torch.empty(1, **meta)
+        launches = []
+        if m <= tk.DECODE_MAX_M:
+            for skip, split in ((True, None), (False, None), (True, 1)):
+                launches.append((f"decode skip={skip} split={split or 'auto'}",
+                                 tk.decode_call(x, t, packed, None, skip_channels=skip, split_k=split,
+                                                slots=H100_SMS * 4)[1]))
+        else:
+            tensors = (packed.values, packed.masks, packed.offsets)
+            for skip in (True, False):
+                launches += [(f"bitmap skip={skip}", c) for c in
+                             tk._calls(tk._bitmap_kernel, tensors, x, t, n, 128, None, None, None, 1,
+                                       SKIP_CHANNELS=skip)[1]]
+            launches += [("act_sparse", c) for c in tk._calls(tk._act_sparse_kernel, (weight_t,), x, t, n, 128,
+                                                               None, None, None, 1)[1]]
+        for name, launch in launches:
+            r = tk.aot_compile(launch, arch)
+            report.append(dict(kernel=r["kernel"], variant=name, m=m, grid=list(r["grid"]), num_warps=r["num_warps"],
+                               registers=r["registers"], stack=r["stack"], local=r["local"], shared=r["shared"]))
+    return report

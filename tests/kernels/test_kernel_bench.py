@@ -55,6 +55,7 @@ def test_checkpoint_report(tmp_path):
         for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"):
             acts[f"model.layers.{i}.{name}"] = torch.randn(12, shapes[name][1], generator=gen).to(torch.bfloat16)
     save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": layers}))  # thresholds are read against it
     torch.save(acts, tmp_path / "acts.pt")
 
     rows = _bench_module().checkpoint_report(str(tmp_path), str(tmp_path / "acts.pt"), batches=[1, 4])

@@ -19,11 +19,13 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = r"""
 import json, sys, torch
 sys.path.insert(0, "benchmarks")
+sys.path.insert(0, "tests/kernels")
 import kernel_static as ks
+from kernel_helpers import compile_report
 from duo_vllm.kernels import triton_kernels as tk
 report = {"resources": [], "hot": {}}
 for dtype in (torch.bfloat16, torch.float16):
-    for r in tk.compile_report(arch=90, n=4096, k=4096, batches=(1, 2, 4, 8, 16, 64), dtype=dtype):
+    for r in compile_report(arch=90, n=4096, k=4096, batches=(1, 2, 4, 8, 16, 64), dtype=dtype):
         report["resources"].append(dict(r, dtype=str(dtype)))
 p = tk._meta_packed(12288, 4096, torch.bfloat16)
 x, t = torch.empty(1, 4096, dtype=torch.bfloat16, device="meta"), torch.empty(1, device="meta")

@@ -14,34 +14,37 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is dep
 
 
 def test_default_dispatch():
-    assert [choose_path(m, 4096, 4096, table={}) for m in (1, 4, 5, 512)] == ["dual"] * 2 + ["dense"] * 2
-    assert [choose_path(m, 4096, 4096, has_dense=False, table={}) for m in (1, 16, 17, 512)] == \
+    assert [choose_path(m, 4096, 4096, table={}) for m in (1, 4, 5, 512)] == ["dual"] * 2 + ["gemm"] * 2
+    assert [choose_path(m, 4096, 4096, has_gemm_weight=False, table={}) for m in (1, 16, 17, 512)] == \
         ["dual"] * 2 + ["wsparse"] * 2
 
 
 def test_table_dispatch(tmp_path):
     path = tmp_path / "crossover.json"
-    by_m = {"1": "dual", "4": "wsparse", "16": "dense"}
+    by_m = {"1": "dual", "4": "wsparse", "16": "gemm"}
     path.write_text(json.dumps({"device": "test", "shapes": {"12288x4096": by_m}}))
     table = load_table(path)
     assert [choose_path(m, 12288, 4096, table=table) for m in (1, 2, 4, 9, 16)] == \
-        ["dual", "wsparse", "wsparse", "dense", "dense"]
-    assert choose_path(17, 12288, 4096, table=table) == "dense"  # beyond the table: default
-    assert choose_path(8, 12288, 4096, has_dense=False, table=table) == "wsparse"
+        ["dual", "wsparse", "wsparse", "gemm", "gemm"]
+    assert choose_path(17, 12288, 4096, table=table) == "gemm"  # beyond the table: default
+    assert choose_path(8, 12288, 4096, has_gemm_weight=False, table=table) == "wsparse"
     assert choose_path(2, 4096, 4096, table=table) == "dual"  # shape not in the table: default
+    # a table written before "dense" was renamed "gemm" still loads, as "gemm"
+    path.write_text(json.dumps({"device": "test", "shapes": {"12288x4096": {**by_m, "16": "dense"}}}))
+    assert load_table.__wrapped__(path) == table
     path.write_text(json.dumps({"shapes": {"8x8": {"1": "fast"}}}))
     with pytest.raises(ValueError, match="unknown path"):
         load_table.__wrapped__(path)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("keep_dense", [True, False])
-def test_cpu_op(dtype, keep_dense):
+@pytest.mark.parametrize("keep_gemm_weight", [True, False])
+def test_cpu_op(dtype, keep_gemm_weight):
     gen = torch.Generator().manual_seed(0)
     w = make_weight(96, 80, 0.5, dtype, gen)
     x, t = make_input(6, 80, 0.5, dtype, gen)
     b = torch.randn(96, generator=gen).to(dtype)
-    packed = pack_weight(w, keep_dense=keep_dense)
+    packed = pack_weight(w, keep_gemm_weight=keep_gemm_weight)
     ref = reference(x, t, w, b)
     for thr in (t, t.reshape(1)):
         y = dual_sparse_linear(x.view(2, 3, 80), thr, packed, b)  # leading dims are kept
@@ -62,7 +65,7 @@ def test_rejects_mismatches():
 
 
 def _args(packed, x, t, b):
-    return (x, t, packed.values, packed.masks, packed.offsets, packed.tickets, packed.dense, b,
+    return (x, t, packed.values, packed.masks, packed.offsets, packed.tickets, packed.gemm_weight, b,
             packed.out_features, packed.block_n)
 
 
@@ -72,7 +75,7 @@ def test_opcheck():
     w = make_weight(40, 24, 0.5, torch.float32, gen)
     x, t = make_input(3, 24, 0.5, torch.float32, gen)
     b = torch.randn(40, generator=gen)
-    for packed, bias in ((pack_weight(w, keep_dense=True), b), (pack_weight(w), None)):
+    for packed, bias in ((pack_weight(w, keep_gemm_weight=True), b), (pack_weight(w), None)):
         torch.library.opcheck(torch.ops.duo.dual_sparse_linear.default, _args(packed, x, t, bias),
                               test_utils=("test_schema", "test_faketensor"))
 
@@ -119,9 +122,9 @@ def test_cuda_path_without_triton_raises(monkeypatch):
     x, t = make_input(2, 8, 0.5, torch.bfloat16, torch.Generator().manual_seed(1))
     with pytest.raises(RuntimeError, match="need triton"):
         dispatch._cuda_impl(*_args(pack_weight(w), x, t, None))
-    # the dense path (a kept dense copy, large M) is cuBLAS and needs no triton
+    # the gemm path (a kept gemm weight, large M) is cuBLAS and needs no triton
     x, t = make_input(64, 8, 0.5, torch.bfloat16, torch.Generator().manual_seed(2))
-    y = dispatch._cuda_impl(*_args(pack_weight(w, keep_dense=True), x, t, None))
+    y = dispatch._cuda_impl(*_args(pack_weight(w, keep_gemm_weight=True), x, t, None))
     assert rel_err(y, reference(x, t, w)) < TOL[torch.bfloat16]
 
 
@@ -142,14 +145,14 @@ def test_import_never_needs_triton():
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("m", [1, 3, 8, 200])
-@pytest.mark.parametrize("keep_dense", [True, False])
-def test_cuda_op(m, keep_dense):
+@pytest.mark.parametrize("keep_gemm_weight", [True, False])
+def test_cuda_op(m, keep_gemm_weight):
     gen = torch.Generator().manual_seed(m)
     w = make_weight(4096, 4096, 0.5, torch.bfloat16, gen)
     x, t = make_input(m, 4096, 0.5, torch.bfloat16, gen)
     b = torch.randn(4096, generator=gen).to(torch.bfloat16)
     ref = reference(x, t, w, b)
-    packed = pack_weight(w.cuda(), keep_dense=keep_dense)
+    packed = pack_weight(w.cuda(), keep_gemm_weight=keep_gemm_weight)
     y = dual_sparse_linear(x.cuda(), t.cuda(), packed, b.cuda())
     assert rel_err(y.cpu(), ref) < TOL[torch.bfloat16]
     fn = torch.compile(lambda x, t: dual_sparse_linear(x, t, packed, b.cuda()), fullgraph=True)

@@ -19,7 +19,7 @@ def test_round_trip(n, k, block_n, p_w):
         assert packed.values[-1] == 0
         assert packed.masks.shape == (-(-n // block_n), k, block_n // 32)
         assert torch.equal(packed.col_nnz, (w != 0).sum(0, dtype=torch.int32))
-        assert packed.dense is None  # no dense copy unless asked
+        assert packed.gemm_weight is None  # no dense copy unless asked
         assert packed.tickets.shape == (-(-n // block_n),) and not packed.tickets.any()
 
 
@@ -35,16 +35,16 @@ def test_layout():
     assert not p.masks[:, [0, 2]].any()
 
 
-def test_keep_dense():
-    """Default: only the bitmap stays resident (0.578x dense at W50); keep_dense=True adds the dense weight."""
+def test_keep_gemm_weight():
+    """Default: only the bitmap stays resident (0.578x dense at W50); keep_gemm_weight=True adds the dense weight."""
     w = make_weight(512, 256, 0.5, torch.bfloat16, torch.Generator().manual_seed(0))
     p = pack_weight(w)
-    assert p.dense is None and torch.equal(unpack_weight(p), w)
+    assert p.gemm_weight is None and torch.equal(unpack_weight(p), w)
     nnz = int((w != 0).sum())
     assert resident_bytes(p) == (nnz + 1) * 2 + 4 * 256 * (16 + 4) + 4 * 4
     assert resident_bytes(p) / dense_bytes(p) == pytest.approx(0.5 + 1 / 16 + 2 / 128, abs=0.01)
-    kept = pack_weight(w, keep_dense=True)
-    assert kept.dense is w and resident_bytes(kept) == resident_bytes(p) + dense_bytes(p)
+    kept = pack_weight(w, keep_gemm_weight=True)
+    assert kept.gemm_weight is w and resident_bytes(kept) == resident_bytes(p) + dense_bytes(p)
 
 
 def test_rejects_bad_input():
