@@ -39,7 +39,7 @@ eval: calibrate
 	$(BIN)/duo-eval perplexity $(CKPT) --seqlen 512 --max-tokens 32768
 
 demo: eval
-	$(BIN)/python -m serve.demo $(CKPT) --dense $(MODEL) --port $(PORT)
+	$(BIN)/python -m duo_vllm.serve.demo $(CKPT) --dense $(MODEL) --port $(PORT)
 
 test: setup model
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)

@@ -23,8 +23,10 @@ from pathlib import Path
 
 from bench_io import cached_checkpoint, markdown_table, save_figure
 
-from calibrate.files import write_json_atomic, write_text_atomic
-from calibrate import data, evaluate, models, zeroshot
+from duo_vllm.files import write_json_atomic, write_text_atomic
+from duo_vllm.calibrate import data, models
+from duo_vllm.evaluate import zeroshot
+from duo_vllm.evaluate.perplexity import load_for_eval, perplexity
 from duo_vllm.format import DuoConfig
 
 LEVELS = {"W0+X0": (0.0, 0.0), "W30+X30": (0.3, 0.3), "W40+X40": (0.4, 0.4), "W50+X50": (0.5, 0.5),
@@ -38,7 +40,7 @@ def zeroshot_in_subprocess(model: Path, args: argparse.Namespace, backend: str =
     """`duo-eval zeroshot --json` in a fresh process (each vLLM engine gets its own process and exits)."""
     result_file = Path(args.work) / f"zeroshot-{backend}-{model.name}.json"
     result_file.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "calibrate.eval_cli", "zeroshot", str(model), "--out", str(result_file),
+    cmd = [sys.executable, "-m", "duo_vllm.evaluate.cli", "zeroshot", str(model), "--out", str(result_file),
            "--backend", backend, "--tasks", *args.tasks, "--task-dir", str(Path(args.work) / "lm_eval_tasks")]
     if args.limit:
         cmd += ["--limit", str(args.limit)]
@@ -49,8 +51,8 @@ def zeroshot_in_subprocess(model: Path, args: argparse.Namespace, backend: str =
 
 
 def score(model: Path, windows: dict, args: argparse.Namespace) -> dict:
-    net = evaluate.load_for_eval(model)
-    ppl = {name: evaluate.perplexity(net, w, progress=False) for name, w in windows.items()}
+    net = load_for_eval(model)
+    ppl = {name: perplexity(net, w, progress=False) for name, w in windows.items()}
     del net
     zs = zeroshot_in_subprocess(model, args)
     return {"perplexity": ppl, "zeroshot": zs["tasks"], "mean_acc": zs["mean_acc"]}

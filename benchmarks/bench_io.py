@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from calibrate.api import calibrate
+from duo_vllm.calibrate.api import calibrate
 from duo_vllm.format import DuoConfig, is_duo_checkpoint, read_config
 
 

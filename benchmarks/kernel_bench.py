@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from calibrate.files import write_json_atomic
+from duo_vllm.files import write_json_atomic
 from duo_vllm.format import LINEAR_GROUPS, apply_threshold, load_thresholds
 from duo_vllm.kernels import channel_bytes, dense_bytes, format_bytes, pack_weight
 

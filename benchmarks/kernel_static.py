@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     # the hot loops' instruction mix, once per compiled variant (the records stay flat)
     result["hot_loop_ops"] = {f"{r['kernel']} M={r['M']} {r['dtype']}": r.pop("hot_loop_ops") for r in records}
     result["summary"] = summary(records)
-    from calibrate.files import write_json_atomic, write_text_atomic
+    from duo_vllm.files import write_json_atomic, write_text_atomic
 
     out = Path(args.out)
     write_json_atomic(out, result)

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from bench_io import cached_checkpoint, markdown_table
 
-from calibrate.files import write_json_atomic
-from calibrate import data, evaluate, models
+from duo_vllm.files import write_json_atomic
+from duo_vllm.calibrate import data, models
+from duo_vllm.evaluate.perplexity import load_for_eval, perplexity
 from duo_vllm.format import DuoConfig
 
 SETTINGS = {"W50+X50": (0.5, 0.5), "W50+X0": (0.5, 0.0), "W0+X50": (0.0, 0.5)}
@@ -40,7 +41,7 @@ def main() -> int:
     model_dir = models.prepare_test_model()
     windows = data.evaluation_windows(models.load_tokenizer(model_dir), args.eval_dataset, args.eval_seqlen,
                                       args.eval_tokens)
-    dense_ppl = evaluate.perplexity(models.load_model(model_dir, torch.float32), windows)
+    dense_ppl = perplexity(models.load_model(model_dir, torch.float32), windows)
     cells: dict[str, dict[str, float]] = {}
     for setting in args.settings:
         p_w, p_x = SETTINGS[setting]
@@ -50,7 +51,7 @@ def main() -> int:
             cfg = DuoConfig(method=method, weight_sparsity=p_w, act_sparsity=p_x, nsamples=args.nsamples,
                             seqlen=args.seqlen)
             ckpt = cached_checkpoint(Path(args.work), model_dir, cfg)
-            cells.setdefault(method, {})[setting] = evaluate.perplexity(evaluate.load_for_eval(ckpt), windows)
+            cells.setdefault(method, {})[setting] = perplexity(load_for_eval(ckpt), windows)
 
     dense_row = "| dense model | " + " | ".join(f"{dense_ppl:.2f}" for _ in args.settings) + " |"
     header, rule, *rows = markdown_table(cells, args.settings, best="min").split("\n")

@@ -22,10 +22,10 @@ from pathlib import Path
 
 from bench_io import duo_checkpoint_arg, save_figure
 
-from calibrate.files import write_json_atomic, write_text_atomic
-from calibrate import models
-from serve import engine
-from serve.server import ServerProcess, console_script
+from duo_vllm.files import write_json_atomic, write_text_atomic
+from duo_vllm.calibrate import models
+from duo_vllm.serve import engine
+from duo_vllm.serve.server import ServerProcess, console_script
 
 METRICS = {  # vllm bench serve result key -> column
     "median_ttft_ms": "TTFT ms",
@@ -44,7 +44,7 @@ def bench_one(model: str, server_argv: list[str], args: argparse.Namespace, labe
         for c in args.concurrency:
             name = f"{label}-c{c}.json"
             prompts = max(args.prompts, c) if args.prompts else max(8, 4 * c)
-            cmd = [sys.executable, "-m", "serve.vllm_cli", "bench", "serve", "--backend", "openai",
+            cmd = [sys.executable, "-m", "duo_vllm.serve.vllm_cli", "bench", "serve", "--backend", "openai",
                    "--base-url", server.base_url, "--model", label, "--tokenizer", model,
                    "--dataset-name", "random", "--random-input-len", str(args.input_len),
                    "--random-output-len", str(args.output_len), "--num-prompts", str(prompts),
@@ -127,9 +127,9 @@ def main() -> int:
     # (the environment defaults, e.g. the CPU KV cache size, go into os.environ for both servers)
     common += engine.server_args(common, os.environ)
     results = {
-        "dense": bench_one(str(dense), [sys.executable, "-m", "serve.vllm_cli", "serve", str(dense),
+        "dense": bench_one(str(dense), [sys.executable, "-m", "duo_vllm.serve.vllm_cli", "serve", str(dense),
                                         "--served-model-name", "dense", *common], args, "dense", work),
-        "duo": bench_one(str(dense), [*console_script("duo-serve", "serve.launch"), str(duo),
+        "duo": bench_one(str(dense), [*console_script("duo-serve", "duo_vllm.serve.launch"), str(duo),
                                       "--served-model-name", "duo", *common], args, "duo", work),
     }
     result = {"device": device_name(), "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv),

@@ -40,10 +40,10 @@ import numpy as np
 import psutil
 from bench_io import duo_checkpoint_arg
 
-from calibrate import models
-from calibrate.data import load_text
-from calibrate.files import write_json_atomic, write_text_atomic
-from serve.server import ServerProcess, console_script
+from duo_vllm.calibrate import models
+from duo_vllm.calibrate.data import load_text
+from duo_vllm.files import write_json_atomic, write_text_atomic
+from duo_vllm.serve.server import ServerProcess, console_script
 
 RSS_GROWTH = 1.15  # end RSS may be at most start x RSS_GROWTH + RSS_SLACK_MIB
 RSS_SLACK_MIB = 64
@@ -362,7 +362,7 @@ def run_soak(ckpt: Path, clients: int = 64, duration: float = 120, seed: int = 0
 
     server_args = ["--max-model-len", "1024"] if server_args is None else server_args
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with ServerProcess([*console_script("duo-serve", "serve.launch"), str(ckpt), *server_args], log, env) as server:
+    with ServerProcess([*console_script("duo-serve", "duo_vllm.serve.launch"), str(ckpt), *server_args], log, env) as server:
         server.wait_ready(timeout)
         result = asyncio.run(drive(server, clients, duration, seed, request_timeout))
         result["server_alive"] = server.proc.poll() is None

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import torch
 
-from calibrate import data, models
-from calibrate.resume import BlockStore, run_identity, state_dir
-from calibrate.sequential import CalibrationError, calibrate_blocks
-from duo_vllm.format import CalibrationData, CalibrationReport, DuoConfig, refuse_existing, write_checkpoint
+from duo_vllm.calibrate import data, models
+from duo_vllm.calibrate.resume import BlockStore, run_identity, state_dir
+from duo_vllm.calibrate.group import CalibrationError
+from duo_vllm.calibrate.pipeline import calibrate_blocks
+from duo_vllm.files import refuse_existing
+from duo_vllm.format import CalibrationData, CalibrationReport, DuoConfig, write_checkpoint
 
 
 def default_device() -> torch.device:

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from tqdm import tqdm
 
-from calibrate import api, data, models, resume
+from duo_vllm.calibrate import api, data, models, resume
 from duo_vllm.format import RENAMED_CHOICES, SUPPORTED_ARCHITECTURES, DuoConfig, DuoFormatError, read_report
 
 PROG = "duo-calibrate"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from calibrate.models import package_dir
+from duo_vllm.calibrate.models import package_dir
 
 DEFAULT_CALIBRATION = "local:c4"
 DEFAULT_EVALUATION = "local:wiki"

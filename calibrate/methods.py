@@ -10,7 +10,7 @@ from typing import get_args
 
 import torch
 
-from calibrate import solver
+from duo_vllm.calibrate import solver
 from duo_vllm.format import DuoConfig, Method
 
 Prune = Callable[[torch.Tensor, solver.InputStats, DuoConfig], torch.Tensor]

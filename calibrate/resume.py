@@ -5,7 +5,7 @@
                                        its thresholds and report rows in the header metadata
 
 Each file is written to a temporary name and renamed, so a kill leaves whole files only. `--resume`
-replays the finished blocks (calibrate.sequential) and goes on from the first missing one; the
+replays the finished blocks (calibrate.pipeline) and goes on from the first missing one; the
 checkpoint then equals an uninterrupted run's bit for bit. A directory left by a run with other
 inputs is refused, naming what differs.
 """
@@ -21,8 +21,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from calibrate.files import write_json_atomic
-from calibrate.sequential import FinishedBlock
+from duo_vllm.files import write_json_atomic
+from duo_vllm.calibrate.pipeline import FinishedBlock
 from duo_vllm.format import LayerRecord
 
 RUN_FILE = "run.json"

@@ -20,8 +20,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,6 +38,8 @@ from pydantic import (
     model_validator,
 )
 from safetensors.torch import save_file
+
+from duo_vllm.files import atomic_output_dir
 
 QUANT_METHOD = "duo"
 FORMAT_VERSION = 1
@@ -358,51 +358,6 @@ def check_thresholds(thresholds: dict[tuple[int, str], float], expected: list[tu
                 )
 
 
-def remove_stale_temporaries(out: Path) -> None:
-    """Remove the temporary directories that killed writers of `out` left beside it (their pid is gone)."""
-    for tmp in out.parent.glob(f".{out.name}.tmp-*-*"):
-        pid = tmp.name.removeprefix(f".{out.name}.tmp-").split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-@contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside ``out_dir``; on success it replaces ``out_dir`` in one rename.
-
-    On any error the temporary directory is removed and ``out_dir`` is left as it was. A writer killed
-    outright (kill -9, OOM killer) leaves its ``.NAME.tmp-PID-*`` directory: the next writer removes it.
-    """
-    out = Path(out_dir).resolve()
-    refuse_existing(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 class LayerRecord(BaseModel):
     """What calibration did to one decoder linear."""
 
@@ -458,11 +413,6 @@ def read_report(ckpt_dir: str | os.PathLike) -> CalibrationReport:
         return CalibrationReport.model_validate_json(path.read_text())
     except (OSError, ValidationError) as e:
         raise DuoFormatError(f"{path}: not a duo calibration report ({str(e).splitlines()[0]})") from None
-
-
-def refuse_existing(out: str | os.PathLike, force: bool, hint: str = "pass --force to replace it") -> None:
-    if Path(out).exists() and not force:
-        raise FileExistsError(f"--out {out} already exists ({hint})")
 
 
 def write_checkpoint(out_dir: str | os.PathLike, model: Any, tokenizer: Any, thresholds: dict[tuple[int, str], float],

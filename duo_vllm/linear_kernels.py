@@ -147,9 +147,8 @@ class TritonKernel(DuoLinearKernel):
         return kernels.can_serve((spec.out_features, spec.in_features), spec.dtype, spec.device)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        self.packed = kernels.pack_weight(layer.weight.data)
-        if self.packed.gemm_weight is None:
-            _free_weight(layer)
+        self.packed = kernels.pack_weight(layer.weight.data)  # keeps no gemm copy: the weight is resident once
+        _free_weight(layer)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return kernels.dual_sparse_linear(x, layer.input_threshold, self.packed, bias)

@@ -47,16 +47,3 @@ def load_reference_model(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch
     model.eval()
     attach_thresholds(model, load_thresholds(ckpt_dir))
     return model
-
-
-@torch.no_grad()
-def greedy_generate(model: nn.Module, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy continuation without a KV cache: each step recomputes the full sequence, like the calibrated model saw it."""
-    ids = torch.tensor([prompt_ids])
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        logits = model(ids, use_cache=False).logits[0, -1]
-        nxt = int(torch.argmax(logits))
-        out.append(nxt)
-        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
-    return out

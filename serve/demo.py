@@ -1,7 +1,7 @@
 """The end of `make demo`: serve a duo checkpoint, ask it one question through the OpenAI client, time
 its decoding, stop it; then (with --dense) the same timing for the dense model, and both speeds side by side.
 
-    python -m serve.demo CKPT [--dense MODEL_DIR] [--port 8765] [--question "..."]
+    python -m duo_vllm.serve.demo CKPT [--dense MODEL_DIR] [--port 8765] [--question "..."]
 
 The timing is one streamed completion of --decode-tokens tokens (greedy, ignore_eos): milliseconds per
 output token after the first. A quick look, not the benchmark (benchmarks/serve_bench.py is).
@@ -13,8 +13,8 @@ import os
 import sys
 import time
 
-from serve import chat
-from serve.server import ServerProcess, console_script
+from duo_vllm.serve import chat
+from duo_vllm.serve.server import ServerProcess, console_script
 
 DEFAULT_QUESTION = "What is the capital of France? Answer in one sentence."
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=900, help="seconds to wait for the server to start")
     args = p.parse_args(argv)
     common = ["--max-model-len", "2048"]
-    with _serve([*console_script("duo-serve", "serve.launch"), args.ckpt, "--served-model-name", "duo", *common],
+    with _serve([*console_script("duo-serve", "duo_vllm.serve.launch"), args.ckpt, "--served-model-name", "duo", *common],
                 args.port) as server:
         server.wait_ready(args.timeout)
         print(f"\nuser: {args.question}\nassistant: ", end="", flush=True)
@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     print("server stopped", flush=True)
     if args.dense:
         # the dense model under the engine settings duo-serve uses
-        from serve import engine
+        from duo_vllm.serve import engine
 
-        with _serve([sys.executable, "-m", "serve.vllm_cli", "serve", args.dense, "--served-model-name", "dense",
+        with _serve([sys.executable, "-m", "duo_vllm.serve.vllm_cli", "serve", args.dense, "--served-model-name", "dense",
                      *common, *engine.server_args(common, os.environ)], args.port) as server:
             server.wait_ready(args.timeout)
             speeds["dense"] = decode_ms_per_token(f"{server.base_url}/v1", "dense", args.decode_tokens)[0]

@@ -21,8 +21,8 @@ from duo_vllm.format import (
     read_config,
     read_hf_config,
 )
-from serve import engine
-from serve.vllm_cli import run_vllm
+from duo_vllm.serve import engine
+from duo_vllm.serve.vllm_cli import run_vllm
 
 PROG = "duo-serve"
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        print("\nAll other arguments are vLLM's: see `python -m serve.vllm_cli serve --help`.")
+        print("\nAll other arguments are vLLM's: see `python -m duo_vllm.serve.vllm_cli serve --help`.")
         return 0 if argv else 2
     ckpt, args = argv[0], argv[1:]
     try:

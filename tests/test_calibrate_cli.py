@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from calibrate import cli, eval_cli
+from duo_vllm.calibrate import cli
+from duo_vllm.evaluate import cli as eval_cli
 
 
 def run_cli(main, argv, capsys) -> tuple[int, str]:
@@ -174,7 +175,7 @@ def test_eval_bad_input(tmp_path, capsys):
 
 def test_console_script_prints_no_traceback(tmp_path):
     """The installed entry point: a one-line error on stderr, no Python traceback."""
-    proc = subprocess.run([sys.executable, "-m", "calibrate.cli", "--model", str(tmp_path / "nope"), "--out",
+    proc = subprocess.run([sys.executable, "-m", "duo_vllm.calibrate.cli", "--model", str(tmp_path / "nope"), "--out",
                            str(tmp_path / "ckpt")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("duo-calibrate: error:") and "Traceback" not in proc.stderr
@@ -221,7 +222,7 @@ def test_out_of_memory_names_the_block_and_linear(smollm2_dir, tmp_path):
     down_proj's 4 GiB Hessian."""
     import transformers
 
-    from calibrate.models import load_tokenizer
+    from duo_vllm.calibrate.models import load_tokenizer
 
     model = tmp_path / "wide"
     tok = load_tokenizer(smollm2_dir)
@@ -232,7 +233,7 @@ def test_out_of_memory_names_the_block_and_linear(smollm2_dir, tmp_path):
     out = tmp_path / "ckpt"
     script = (
         "import resource, sys\n"
-        "from calibrate import cli\n"
+        "from duo_vllm.calibrate import cli\n"
         "from transformers import AutoTokenizer, LlamaForCausalLM  # imported before the cap\n"
         "vm = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize'))\n"
         "resource.setrlimit(resource.RLIMIT_AS, (vm + (2 << 30),) * 2)\n"
@@ -255,7 +256,7 @@ def test_kill_9_leaves_no_checkpoint_and_the_next_run_cleans_up(tmp_path, capsys
 
     model = tiny_models.write_hf("qwen2", tmp_path / "model")
     out = tmp_path / "ckpt"
-    argv = [sys.executable, "-m", "calibrate.cli", "--model", str(model), "--out", str(out),
+    argv = [sys.executable, "-m", "duo_vllm.calibrate.cli", "--model", str(model), "--out", str(out),
             "--nsamples", "4", "--seqlen", "128"]
     temporaries = lambda: list(tmp_path.glob(".ckpt.tmp-*"))  # noqa: E731
     # killed while calibrating, then killed while writing the checkpoint directory

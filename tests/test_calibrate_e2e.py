@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from calibrate import data, evaluate, models
+from duo_vllm.calibrate import data, models
+from duo_vllm.evaluate.perplexity import load_for_eval, perplexity
 from duo_vllm.format import LINEAR_NAMES, load_thresholds, read_config, read_report
 
 pytestmark = pytest.mark.slow
@@ -67,7 +68,7 @@ def test_loads_in_plain_transformers(duo_checkpoint):
 
 
 def test_thresholds_only_checkpoint_keeps_weights(duo_checkpoint, smollm2_dir):
-    ckpt = duo_checkpoint("dense", 0.0, 0.5)
+    ckpt = duo_checkpoint("teal", 0.0, 0.5)
     dense = models.load_model(smollm2_dir)
     tuned = models.load_model(ckpt)
     for (name, a), b in zip(dense.named_parameters(), tuned.parameters()):
@@ -79,10 +80,10 @@ def test_thresholds_only_checkpoint_keeps_weights(duo_checkpoint, smollm2_dir):
 def perplexities(duo_checkpoint, smollm2_dir):
     tok = models.load_tokenizer(smollm2_dir)
     windows = data.evaluation_windows(tok, "local:wiki", EVAL_SEQLEN, EVAL_TOKENS)
-    result = {"dense": evaluate.perplexity(models.load_model(smollm2_dir, torch.float32), windows, progress=False)}
+    result = {"dense": perplexity(models.load_model(smollm2_dir, torch.float32), windows, progress=False)}
     for method in ("duogpt", "sparsegpt", "magnitude"):
-        model = evaluate.load_for_eval(duo_checkpoint(method, 0.5, 0.5))
-        result[method] = evaluate.perplexity(model, windows, progress=False)
+        model = load_for_eval(duo_checkpoint(method, 0.5, 0.5))
+        result[method] = perplexity(model, windows, progress=False)
     print("held-out perplexity at W50+X50:", result)
     return result
 

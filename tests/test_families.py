@@ -17,9 +17,10 @@ from safetensors import safe_open
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[cpu]' or '.[gpu]')")
 
 import tiny_models  # noqa: E402
-from calibrate import evaluate, models, zeroshot  # noqa: E402
-from calibrate.api import calibrate  # noqa: E402
-from calibrate.cli import main as duo_calibrate  # noqa: E402
+from duo_vllm.calibrate import models  # noqa: E402
+from duo_vllm.evaluate import perplexity, zeroshot  # noqa: E402
+from duo_vllm.calibrate.api import calibrate  # noqa: E402
+from duo_vllm.calibrate.cli import main as duo_calibrate  # noqa: E402
 from duo_vllm.format import LINEAR_NAMES, DuoConfig, load_thresholds  # noqa: E402
 from test_serve import (  # noqa: E402
     _agreement,
@@ -141,7 +142,7 @@ def test_duo_serve_agrees_with_the_reference_and_scores(family, prompts, tmp_pat
         assert served_scores["tasks"][task]["n"] == reference_scores["tasks"][task]["n"] == 8
         # a random model's choices are near ties: one threshold flip may swap one document
         assert abs(served_scores["tasks"][task]["acc"] - reference_scores["tasks"][task]["acc"]) <= 1 / 8, task
-    ppl = {path.name: evaluate.evaluate_perplexity(path, "local:wiki", seqlen=256, max_tokens=2048,
+    ppl = {path.name: perplexity.evaluate_perplexity(path, "local:wiki", seqlen=256, max_tokens=2048,
                                                    progress=False)["perplexity"]
            for path in (family["model"], ckpt)}
     print(f"{family['name']} perplexity (random weights, vocabulary 49152):", ppl)

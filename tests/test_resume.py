@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from calibrate.resume import state_dir
+from duo_vllm.calibrate.resume import state_dir
 
 # One thread: the runs compared must use the same one, and a competing process cannot slow it 10x.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _argv(model: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "calibrate.cli", "--model", str(model), "--out", str(out),
+    return [sys.executable, "-m", "duo_vllm.calibrate.cli", "--model", str(model), "--out", str(out),
             "--nsamples", "4", "--seqlen", "128", *extra]
 
 

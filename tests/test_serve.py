@@ -35,8 +35,8 @@ import torch
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[cpu]' or '.[gpu]')")
 
 from duo_vllm.format import parse_threshold_name  # noqa: E402
-from duo_vllm.reference import greedy_generate, load_reference_model  # noqa: E402
-from serve.server import ServerProcess, console_script, free_port  # noqa: E402
+from duo_vllm.reference import load_reference_model  # noqa: E402
+from duo_vllm.serve.server import ServerProcess, console_script, free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -65,8 +65,21 @@ TP_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
 # --- helpers ------------------------------------------------------------------------------------
 
 
+
+@torch.no_grad()
+def greedy_generate(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy continuation without a KV cache: each step recomputes the full sequence, like the calibrated model saw it."""
+    ids = torch.tensor([prompt_ids])
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = model(ids, use_cache=False).logits[0, -1]
+        nxt = int(torch.argmax(logits))
+        out.append(nxt)
+        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return out
+
 def _script(name: str) -> list[str]:
-    return console_script(name, {"duo-serve": "serve.launch", "duo-chat": "serve.chat"}[name])
+    return console_script(name, {"duo-serve": "duo_vllm.serve.launch", "duo-chat": "duo_vllm.serve.chat"}[name])
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -339,7 +352,7 @@ def test_duo_serve_checks_the_checkpoint_first(smollm2_dir, w50x50, tmp_path):
 def test_load_errors_stop_the_server_before_it_listens(smollm2_dir, thresholds_only, tmp_path):
     # plain `vllm serve --quantization duo` (through the CPU wrapper) on a checkpoint without duo config
     proc = subprocess.run(
-        [sys.executable, "-m", "serve.vllm_cli", "serve", str(smollm2_dir), "--quantization", "duo",
+        [sys.executable, "-m", "duo_vllm.serve.vllm_cli", "serve", str(smollm2_dir), "--quantization", "duo",
          "--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--port", str(free_port())],
         env=_env(), capture_output=True, text=True, timeout=600, start_new_session=True,
     )
@@ -483,7 +496,7 @@ class TestDuoServer:
         assert r.status_code == 401
 
     def test_demo_times_decoding(self, server, w50x50):
-        from serve.demo import decode_ms_per_token
+        from duo_vllm.serve.demo import decode_ms_per_token
 
         ms, received = decode_ms_per_token(f"{server.base_url}/v1", str(w50x50), 8, api_key=API_KEY)
         assert received == 8 and 0 < ms < 60_000, (ms, received)

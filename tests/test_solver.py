@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from calibrate import solver
+from duo_vllm.calibrate import solver
 from duo_vllm.format import apply_threshold
 
 
@@ -32,7 +32,7 @@ def random_layer(n=64, k=192, tokens=2048, p_x=0.5, seed=0):
 @pytest.fixture(scope="module")
 def real_layer(smollm2_dir):
     """Dense input of layer 3's gate/up (post-attention RMSNorm) on real text, and gate_proj's weight."""
-    from calibrate import data, models
+    from duo_vllm.calibrate import data, models
 
     model = models.load_model(smollm2_dir, dtype=torch.float32)
     tok = models.load_tokenizer(smollm2_dir)

