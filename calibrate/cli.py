@@ -8,7 +8,6 @@ import warnings
 from typing import Literal, get_args, get_origin
 
 from pydantic import ValidationError
-
 from tqdm import tqdm
 
 from duo_vllm.calibrate import api, data, models, resume
