@@ -1,5 +1,6 @@
 """The end of `make demo`: serve a duo checkpoint, ask it one question through the OpenAI client, time
-its decoding, stop it; then (with --dense) the same timing for the dense model, and both speeds side by side.
+its decoding, stop it; then (with --dense) the same for the dense model; print both answers and both
+speeds side by side.
 
     python -m duo_vllm.serve.demo CKPT [--dense MODEL_DIR] [--port 8765] [--question "..."]
 
@@ -9,10 +10,12 @@ output token after the first. A quick look, not the benchmark (benchmarks/serve_
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import time
 
+from duo_vllm.format import read_config
 from duo_vllm.serve import chat
 from duo_vllm.serve.server import ServerProcess, console_script
 
@@ -42,23 +45,32 @@ def _serve(cmd: list[str], port: int) -> ServerProcess:
     return ServerProcess(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1"), port=port)
 
 
+def ask(base_url: str, model: str, question: str, max_tokens: int = 64) -> str:
+    """One greedy chat answer, whole."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key="unused")
+    return chat.chat(client, model, [{"role": "user", "content": question}], max_tokens, 0.0, out=io.StringIO())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="duo-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--question", default=DEFAULT_QUESTION)
-    p.add_argument("--dense", default=None, help="the dense model the checkpoint came from: time it too")
+    p.add_argument("--dense", default=None, help="the dense model the checkpoint came from: ask and time it too")
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--timeout", type=float, default=900, help="seconds to wait for the server to start")
     args = p.parse_args(argv)
+    cfg = read_config(args.ckpt)
+    duo = f"duo ({cfg.method}, W{cfg.weight_sparsity * 100:.0f}+X{cfg.act_sparsity * 100:.0f})"
     common = ["--max-model-len", "2048"]
+    answers, speeds = {}, {}
     with _serve([*console_script("duo-serve", "duo_vllm.serve.launch"), args.ckpt, "--served-model-name", "duo", *common],
                 args.port) as server:
         server.wait_ready(args.timeout)
-        print(f"\nuser: {args.question}\nassistant: ", end="", flush=True)
-        status = chat.main(["--base-url", f"{server.base_url}/v1", "--model", "duo", "--max-tokens", "64",
-                            args.question])
-        speeds = {"duo": decode_ms_per_token(f"{server.base_url}/v1", "duo", args.decode_tokens)[0]}
+        answers[duo] = ask(f"{server.base_url}/v1", "duo", args.question)
+        speeds[duo] = decode_ms_per_token(f"{server.base_url}/v1", "duo", args.decode_tokens)[0]
     print("server stopped", flush=True)
     if args.dense:
         # the dense model under the engine settings duo-serve uses
@@ -67,13 +79,18 @@ def main(argv: list[str] | None = None) -> int:
         with _serve([sys.executable, "-m", "duo_vllm.serve.vllm_cli", "serve", args.dense, "--served-model-name", "dense",
                      *common, *engine.server_args(common, os.environ)], args.port) as server:
             server.wait_ready(args.timeout)
+            answers["dense"] = ask(f"{server.base_url}/v1", "dense", args.question)
             speeds["dense"] = decode_ms_per_token(f"{server.base_url}/v1", "dense", args.decode_tokens)[0]
         print("dense server stopped", flush=True)
+    width = max(map(len, answers))
+    print(f"\nuser: {args.question}")
+    for name, answer in answers.items():
+        print(f"{name:>{width}}: {answer.strip() or '(no text: the model ended its turn at once; small models do this at high sparsity, try a lower one)'}")
     line = ", ".join(f"{name} {ms:.1f} ms/token" for name, ms in speeds.items())
     if "dense" in speeds:
-        line += f" (duo/dense {speeds['duo'] / speeds['dense']:.2f}x)"
+        line += f" (duo/dense {speeds[duo] / speeds['dense']:.2f}x)"
     print(f"decode speed, {args.decode_tokens} tokens, one request: {line}", flush=True)
-    return status
+    return 0
 
 
 if __name__ == "__main__":

@@ -103,8 +103,12 @@ def test_accuracy_sweep_quick_run(tmp_path):
     # pruning half the weights and half the activations of a 135M model costs perplexity
     assert cell["perplexity"]["local:wiki"] > result["dense"]["perplexity"]["local:wiki"]
     check = result["reference_check"]["duogpt:W50+X50"]
-    # 16 documents: the served path and the offline reference may differ on at most one near-tie
-    assert sum(abs(check["vllm"][t] - check["reference"][t]) for t in zeroshot.TASKS) <= 0.5
+    # 16 documents (each flip moves a task's accuracy by 0.5): the served path and the offline reference may
+    # differ on at most two near-ties. Their summation orders differ, and at W50+X50 a last-bit difference
+    # can flip a thresholded activation; which documents are near-ties depends on the checkpoint's bits, which
+    # depend on the host's BLAS and thread count (2026-12-02: a 2-thread calibration gave 2 flips, ARC-Easy
+    # and ARC-Challenge, with this code and with the code before it; a 1-thread one gave none).
+    assert sum(abs(check["vllm"][t] - check["reference"][t]) for t in zeroshot.TASKS) <= 1.0
     md = out.with_suffix(".md").read_text()
     assert "| duogpt |" in md and "| dense model |" in md and "W50+X50" in md
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
