@@ -68,10 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> DuoConfig:
     """The DuoConfig the flags say; a value the schema refuses is a usage error naming its flag."""
-    values = {name: getattr(args, name, None) for name in DuoConfig.model_fields if name not in _NOT_FLAGS}
-    if values["weight_sparsity"] is None:  # the schema's default, or 0 for a method that prunes nothing
-        teal = RENAMED_CHOICES["method"].get(values["method"], values["method"]) == "teal"
-        values["weight_sparsity"] = 0.0 if teal else DuoConfig.model_fields["weight_sparsity"].default
+    # a flag left out (--weight-sparsity) takes the schema's default, which depends on --method
+    values = {name: getattr(args, name) for name in DuoConfig.model_fields if hasattr(args, name)}
     try:
         with warnings.catch_warnings(record=True) as renamed:
             warnings.simplefilter("always", FutureWarning)

@@ -121,6 +121,15 @@ class DuoConfig(BaseModel):
                       FutureWarning, stacklevel=2)
         return new
 
+    @model_validator(mode="before")
+    @classmethod
+    def _teal_prunes_nothing_by_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "weight_sparsity" not in data:
+            method = data.get("method")
+            if RENAMED_CHOICES["method"].get(method, method) == "teal":
+                return {**data, "weight_sparsity": 0.0}
+        return data
+
     @model_validator(mode="after")
     def _teal_keeps_weights(self) -> DuoConfig:
         if self.method == "teal" and self.weight_sparsity != 0:
