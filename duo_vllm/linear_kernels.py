@@ -114,6 +114,7 @@ class CpuSparseKernel(DuoLinearKernel):
             return False, "this vLLM build has no oneDNN GEMM (the kernel's path above the crossover)"
         try:
             cpu_kernel.ensure_loaded()
+            cpu_kernel.isa()  # refuses a DUO_CPU_ISA this CPU lacks
         except cpu_kernel.CpuKernelUnavailable as e:
             return False, str(e)
         return True, None

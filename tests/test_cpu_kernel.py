@@ -11,7 +11,7 @@ from safetensors import safe_open
 from duo_vllm.format import apply_threshold, load_thresholds
 from duo_vllm.kernels import cpu_kernel
 
-ISAS = ["portable"] + (["avx2"] if cpu_kernel.isa() == "avx2" else [])
+ISAS = list(cpu_kernel.supported_isas())  # every path this CPU runs, the portable one included
 # SmolLM2-135M's decoder linears as vLLM fuses them: (N, K)
 SMOLLM2_SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
 
@@ -139,12 +139,23 @@ def test_a_tokens_result_does_not_depend_on_its_batch(isa):
 
 
 @pytest.mark.skipif(len(ISAS) < 2, reason="this CPU has no AVX2+FMA: only the portable path runs")
-def test_avx2_and_portable_paths_agree():
+@pytest.mark.parametrize("m", [1, 3, 5])
+def test_simd_and_portable_paths_agree(m):
     gen = torch.Generator().manual_seed(4)
     w = _pruned(960, 576, 0.5, gen)
     packed = cpu_kernel.pack(w)
-    x = torch.randn(5, 576, generator=gen)
-    _assert_close(_run(x, 0.4, w, None, "avx2", packed), _run(x, 0.4, w, None, "portable", packed))
+    x = torch.randn(m, 576, generator=gen)
+    portable = _run(x, 0.4, w, None, "portable", packed)
+    for isa in ISAS[:-1]:
+        _assert_close(_run(x, 0.4, w, None, isa, packed), portable)
+
+
+def test_an_isa_the_cpu_lacks_is_refused(monkeypatch):
+    monkeypatch.setenv("DUO_CPU_ISA", "neon")
+    with pytest.raises(cpu_kernel.CpuKernelUnavailable, match="DUO_CPU_ISA=neon: this CPU runs the kernel with"):
+        cpu_kernel.isa()
+    monkeypatch.setenv("DUO_CPU_ISA", "portable")
+    assert cpu_kernel.isa() == "portable"
 
 
 def test_real_smollm2_weights_and_thresholds(duo_checkpoint):
@@ -188,7 +199,7 @@ def test_bad_layouts_are_refused_with_a_message():
     with pytest.raises(RuntimeError, match="2 tiles do not split 8 outputs into equal tiles"):
         op(torch.ones(2, 8), torch.tensor(0.0), packed.blob, packed.offsets.repeat(2, 1), None, None, 8, 8,
            "portable")
-    with pytest.raises(RuntimeError, match="isa must be 'avx2' or 'portable'"):
+    with pytest.raises(RuntimeError, match="isa must be 'avx512', 'avx2' or 'portable'"):
         op(torch.ones(2, 8), torch.tensor(0.0), packed.blob, packed.offsets, None, None, 8, 8, "sse")
     with pytest.raises(ValueError, match="packs float32"):
         cpu_kernel.pack(torch.eye(8, dtype=torch.bfloat16))

@@ -5,7 +5,7 @@
 //   width / 32 mask words (uint32, stored bit for bit in the float array): bit b of word w <=> W[t width + 32 w + b, k] != 0
 //   then the segment's nonzeros in output order
 // offsets[t, k] (int32) is where the segment starts; segments are stored tile by tile, channel by channel;
-// `blob` ends with 8 zeros of padding (the AVX2 path loads 8 floats from any position).
+// `blob` ends with 16 zeros of padding (the SIMD paths load 8 or 16 floats from any position).
 //
 // A call thresholds x (|x| > t kept), lists the channels live for at least one token, and each thread
 // takes whole (tile, channel range) units and reads only the live channels' segments: pruned weights and
@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -68,6 +69,8 @@ struct Unit {
   float* acc;
 };
 
+using UnitFn = void (*)(const Unit&);
+
 inline const uint32_t* segment_masks(const float* seg) { return reinterpret_cast<const uint32_t*>(seg); }
 
 void unit_portable(const Unit& u) {
@@ -112,27 +115,33 @@ constexpr int64_t kPrefetchBytes = 8192;
 
 // Live channels taken together in one pass over their segments' words: each 8-output accumulator is loaded
 // and stored once per kChannels channels instead of once per channel, and kChannels segments are read side
-// by side (more misses in flight after dead channels' holes). The FMAs still run in channel order. Fewer
-// for 3-4 tokens, whose x broadcasts (channels x tokens registers) would not fit in the 16 ymm registers.
-template <int MB>
-constexpr int kChannels = (MB == 3 || MB == 4) ? 2 : 4;
+// by side (more misses in flight after dead channels' holes). The FMAs still run in channel order. AVX2 takes
+// fewer for 3-4 tokens, whose x broadcasts (channels x tokens registers) would not fit in 16 ymm registers.
 
 // Channels j .. j + NC - 1 of a unit. MB > 0: exactly MB tokens; MB == 0: any m.
-template <int MB, int NC>
-__attribute__((target("avx2,fma,popcnt"), always_inline)) inline void channels_avx2(const Unit& u, int64_t j,
-                                                                                   int64_t lead) {
-  const int32_t* channel = u.live.channel.data();
-  const uint32_t* mk[NC];
-  const float* w[NC];
-  const float* xv[NC];
-  const char* ahead[NC];
-  for (int c = 0; c < NC; ++c) {
-    const float* seg = u.blob + u.offsets[channel[j + c]];
-    mk[c] = segment_masks(seg);
-    w[c] = seg + u.words;
-    xv[c] = u.live.x.data() + (j + c) * u.m;
-    ahead[c] = reinterpret_cast<const char*>(u.blob + u.offsets[channel[std::min(j + c + lead, u.j1 - 1)]]);
+template <int NC>
+struct Cursors {
+  const uint32_t* mk[NC];  // the channels' mask words
+  const float* w[NC];      // their next packed value
+  const float* xv[NC];     // their thresholded x, [M]
+  const char* ahead[NC];   // the segment `lead` live channels ahead, prefetched one line per word
+  inline Cursors(const Unit& u, int64_t j, int64_t lead) {
+    const int32_t* channel = u.live.channel.data();
+    for (int c = 0; c < NC; ++c) {
+      const float* seg = u.blob + u.offsets[channel[j + c]];
+      mk[c] = segment_masks(seg);
+      w[c] = seg + u.words;
+      xv[c] = u.live.x.data() + (j + c) * u.m;
+      ahead[c] = reinterpret_cast<const char*>(u.blob + u.offsets[channel[std::min(j + c + lead, u.j1 - 1)]]);
+    }
   }
+};
+
+template <int MB, int NC>
+__attribute__((target("avx2,fma,popcnt"))) void channels_avx2(const Unit& u, int64_t j, int64_t lead) {
+  Cursors<NC> cur(u, j, lead);
+  const float* const* xv = cur.xv;
+  const float** w = cur.w;
   __m256 xb[NC][MB > 0 ? MB : 1];
   for (int c = 0; c < NC; ++c)
     for (int r = 0; r < MB; ++r) xb[c][r] = _mm256_broadcast_ss(xv[c] + r);
@@ -140,8 +149,8 @@ __attribute__((target("avx2,fma,popcnt"), always_inline)) inline void channels_a
     const float* starts[NC][4];
     uint32_t bits[NC];
     for (int c = 0; c < NC; ++c) {
-      bits[c] = mk[c][wd];
-      _mm_prefetch(ahead[c] + 64 * wd, _MM_HINT_T0);
+      bits[c] = cur.mk[c][wd];
+      _mm_prefetch(cur.ahead[c] + 64 * wd, _MM_HINT_T0);
       // where each byte's values start, independently (a chain of popcounts would serialize the loads)
       starts[c][0] = w[c];
       starts[c][1] = w[c] + _mm_popcnt_u32(bits[c] & 0xFFu);
@@ -175,44 +184,83 @@ __attribute__((target("avx2,fma,popcnt"), always_inline)) inline void channels_a
   }
 }
 
-template <int MB>
-__attribute__((target("avx2,fma,popcnt"))) void unit_avx2(const Unit& u) {
-  constexpr int nc = kChannels<MB>;
-  const int64_t lead = std::max<int64_t>(nc, kPrefetchBytes / (64 * u.words));  // in live channels
+// AVX-512: one masked expand places a 16-output half word's packed values into its lanes (no table, no blend),
+// and 32 zmm registers hold 4 channels' x broadcasts for up to 4 tokens.
+template <int MB, int NC>
+__attribute__((target("avx512f,avx512bw,fma,popcnt"))) void channels_avx512(const Unit& u, int64_t j, int64_t lead) {
+  Cursors<NC> cur(u, j, lead);
+  __m512 xb[NC][MB > 0 ? MB : 1];
+  for (int c = 0; c < NC; ++c)
+    for (int r = 0; r < MB; ++r) xb[c][r] = _mm512_set1_ps(cur.xv[c][r]);
+  for (int64_t wd = 0; wd < u.words; ++wd) {
+    __m512 v[NC][2];
+    for (int c = 0; c < NC; ++c) {
+      const uint32_t bits = cur.mk[c][wd];
+      _mm_prefetch(cur.ahead[c] + 64 * wd, _MM_HINT_T0);
+      const float* high = cur.w[c] + _mm_popcnt_u32(bits & 0xFFFFu);
+      v[c][0] = _mm512_maskz_expand_ps(static_cast<__mmask16>(bits), _mm512_loadu_ps(cur.w[c]));
+      v[c][1] = _mm512_maskz_expand_ps(static_cast<__mmask16>(bits >> 16), _mm512_loadu_ps(high));
+      cur.w[c] += _mm_popcnt_u32(bits);
+    }
+    for (int h = 0; h < 2; ++h) {
+      float* a = u.acc + wd * kWord + 16 * h;
+      for (int64_t r = 0; r < (MB > 0 ? MB : u.m); ++r, a += u.ld) {
+        __m512 sum = _mm512_load_ps(a);
+        for (int c = 0; c < NC; ++c)
+          sum = _mm512_fmadd_ps(MB > 0 ? xb[c][r] : _mm512_set1_ps(cur.xv[c][r]), v[c][h], sum);
+        _mm512_store_ps(a, sum);
+      }
+    }
+  }
+}
+
+template <int MB, int NC>
+struct Avx2 {
+  static void run(const Unit& u, int64_t j, int64_t lead) { channels_avx2<MB, NC>(u, j, lead); }
+};
+template <int MB, int NC>
+struct Avx512 {
+  static void run(const Unit& u, int64_t j, int64_t lead) { channels_avx512<MB, NC>(u, j, lead); }
+};
+
+// A unit's live channels, NC at a time, then the rest in chunks of 2 and 1 (channel order kept).
+template <template <int, int> class Isa, int MB, int NC>
+void unit_simd(const Unit& u) {
+  static_assert(NC == 4 || NC == 2, "the tail takes chunks of 2 and 1");
+  const int64_t lead = std::max<int64_t>(NC, kPrefetchBytes / (64 * u.words));  // in live channels
   int64_t j = u.j0;
-  for (; j + nc <= u.j1; j += nc) channels_avx2<MB, nc>(u, j, lead);
-  switch (u.j1 - j) {
-    case 3: channels_avx2<MB, 3>(u, j, lead); break;
-    case 2: channels_avx2<MB, 2>(u, j, lead); break;
-    case 1: channels_avx2<MB, 1>(u, j, lead); break;
-    default: break;
+  for (; j + NC <= u.j1; j += NC) Isa<MB, NC>::run(u, j, lead);
+  if (NC > 2 && j + 2 <= u.j1) Isa<MB, 2>::run(u, j, lead), j += 2;
+  if (j < u.j1) Isa<MB, 1>::run(u, j, lead);
+}
+
+template <template <int, int> class Isa, int NC34>
+UnitFn simd_unit_fn(int64_t m) {
+  switch (m) {
+    case 1: return unit_simd<Isa, 1, 4>;
+    case 2: return unit_simd<Isa, 2, 4>;
+    case 3: return unit_simd<Isa, 3, NC34>;
+    case 4: return unit_simd<Isa, 4, NC34>;
+    default: return unit_simd<Isa, 0, 4>;
   }
 }
 #endif
 
-using UnitFn = void (*)(const Unit&);
-
-UnitFn unit_fn(bool avx2, int64_t m) {
+UnitFn unit_fn(const std::string& isa, int64_t m) {
 #ifdef DUO_X86
-  if (avx2) {
-    switch (m) {
-      case 1: return unit_avx2<1>;
-      case 2: return unit_avx2<2>;
-      case 3: return unit_avx2<3>;
-      case 4: return unit_avx2<4>;
-      default: return unit_avx2<0>;
-    }
-  }
+  if (isa == "avx512") return simd_unit_fn<Avx512, 4>(m);
+  if (isa == "avx2") return simd_unit_fn<Avx2, 2>(m);  // 3-4 tokens: 2 channels, 16 ymm registers
 #endif
   return unit_portable;
 }
 
-bool cpu_has_avx2() {
+bool cpu_supports(const std::string& isa) {
 #ifdef DUO_X86
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
-#else
-  return false;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
+  if (isa == "avx2") return avx2;
+  if (isa == "avx512") return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 #endif
+  return isa == "portable";
 }
 
 // Above the crossover: the thresholded x through vLLM's oneDNN GEMM (_C::onednn_mm, the dense model's own).
@@ -252,9 +300,10 @@ at::Tensor cpu_sparse_linear(const at::Tensor& x_in, const at::Tensor& threshold
   TORCH_CHECK(blob.scalar_type() == at::kFloat && blob.is_contiguous() && blob.dim() == 1,
               "duo::cpu_sparse_linear: blob must be contiguous 1-D float32");
   TORCH_CHECK(threshold.numel() == 1, "duo::cpu_sparse_linear: threshold must hold one value");
-  const bool avx2 = isa == "avx2";
-  TORCH_CHECK(avx2 || isa == "portable", "duo::cpu_sparse_linear: isa must be 'avx2' or 'portable', got ", isa);
-  TORCH_CHECK(!avx2 || cpu_has_avx2(), "duo::cpu_sparse_linear: isa 'avx2' asked on a CPU without AVX2+FMA");
+  const std::string isa_name(isa);
+  TORCH_CHECK(isa_name == "avx512" || isa_name == "avx2" || isa_name == "portable",
+              "duo::cpu_sparse_linear: isa must be 'avx512', 'avx2' or 'portable', got ", isa_name);
+  TORCH_CHECK(cpu_supports(isa_name), "duo::cpu_sparse_linear: isa '", isa_name, "' asked on a CPU without it");
   const float* bias_ptr = nullptr;
   at::Tensor bias_c;
   if (bias.has_value() && bias->defined()) {
@@ -286,7 +335,7 @@ at::Tensor cpu_sparse_linear(const at::Tensor& x_in, const at::Tensor& threshold
   const int64_t ld = tiles * width;
   at::Tensor acc = at::empty({splits, m, ld}, x.options());
   float* acc_ptr = acc.data_ptr<float>();
-  const UnitFn run_unit = unit_fn(avx2, m);
+  const UnitFn run_unit = unit_fn(isa_name, m);
   at::parallel_for(0, tiles * splits, 1, [&](int64_t begin, int64_t end) {
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t tile = unit / splits, s = unit % splits;

@@ -11,8 +11,9 @@ channel order); above it, the thresholded x goes through vLLM's own oneDNN GEMM 
 dense model uses) when a handle is given. The crossover comes from ``cpu_crossover.json``, measured by
 ``benchmarks/cpu_kernel_bench.py --write-table`` and keyed by the CPU's model name.
 
-Instruction set: AVX2 + FMA when the CPU has them (torch's own CPU capability check; the C++ side
-checks again), else a portable scalar path. ``DUO_CPU_ISA=portable`` forces the portable path.
+Instruction set: AVX-512 (one masked expand per 16 outputs) or AVX2 + FMA (a permute table per 8) when
+the CPU has them (torch's own CPU capability check; the C++ side checks again), else a portable scalar
+path. ``DUO_CPU_ISA=avx2|portable`` forces a lesser one.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ WORD = 32  # outputs per mask word
 # (huge pages; a live channel's segment is about width * (1 - p_w) * 4 bytes). Its accumulators, width
 # floats per token, stay in L2.
 MAX_TILE = 4096
-PAD = 8  # zeros after the last segment: the AVX2 path loads 8 floats from any position
+PAD = 16  # zeros after the last segment: the SIMD paths load 8 (AVX2) or 16 (AVX-512) floats from any position
 # No measured crossover for this CPU: the sparse kernel only for single-token decode, where reading
 # fewer bytes wins on any memory-bound machine; everything larger goes to the dense GEMM.
 UNMEASURED_MAX_SPARSE_M = 1
@@ -65,11 +66,24 @@ def load() -> None:
         raise CpuKernelUnavailable(f"building {SOURCE.name} in {build_dir} failed: {e}") from e
 
 
+ISAS = ("avx512", "avx2", "portable")  # best first
+
+
+def supported_isas() -> tuple[str, ...]:
+    """The instruction sets this CPU runs the kernel with (torch's CPU capability check; AVX512 there means
+    AVX-512 F/BW/VL/DQ, and the C++ side checks again)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return ISAS[{"AVX512": 0, "AVX2": 1}.get(capability, 2):]
+
+
 def isa() -> str:
-    """'avx2' or 'portable': what the kernel runs with on this CPU."""
-    if os.environ.get("DUO_CPU_ISA") == "portable":
-        return "portable"
-    return "avx2" if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else "portable"
+    """What the kernel runs with: the best this CPU has, or ``DUO_CPU_ISA`` (avx512, avx2, portable) if set."""
+    asked = os.environ.get("DUO_CPU_ISA")
+    if not asked:
+        return supported_isas()[0]
+    if asked not in supported_isas():
+        raise CpuKernelUnavailable(f"DUO_CPU_ISA={asked}: this CPU runs the kernel with {', '.join(supported_isas())}")
+    return asked
 
 
 def cpu_name() -> str:
