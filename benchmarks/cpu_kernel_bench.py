@@ -48,6 +48,11 @@ TARGETS_M1 = {"W50+X50": 3.0, "X50": 1.8, "W50": 1.5}  # speedup of the CPU kern
 # The sparse kernel takes a batch size only where it was this much faster than gemm: a near tie at W50+X50
 # is within this VM's noise and turns into a loss at lower sparsity.
 CROSSOVER_MARGIN = 1.1
+CONFIG_WEIGHT_DENSITY = {"W50+X50": 0.5, "X50": 1.0, "W50": 0.5}
+# Where the crossover per weight density is measured: the weight's sparsity with the calibrated thresholds.
+# The kernel serves a layer with the table of the nearest density (a TEAL-style checkpoint has dense weights,
+# and there the sparse kernel stops paying at a smaller M).
+CROSSOVER_CONFIGS = {"W50+X50": 0.5, "X50": 1.0}
 
 
 def _interleaved_medians(fns: dict, reps: int) -> dict[str, float]:
@@ -195,12 +200,12 @@ def run(model: str, group: str, layers: list[Layer], batches: list[int], threads
     return rows
 
 
-def crossovers(rows: list[dict], threads: int) -> dict:
-    """Per "NxK": largest M where cpu beats gemm by CROSSOVER_MARGIN at W50+X50, for that M and every smaller
+def crossovers(rows: list[dict], threads: int, config: str) -> dict:
+    """Per "NxK": largest M where cpu beats gemm by CROSSOVER_MARGIN at `config`, for that M and every smaller
     one (0: never)."""
     shapes = {}
     for r in rows:
-        if r["config"] == "W50+X50" and r["threads"] == threads and r["method"] in ("cpu", "gemm"):
+        if r["config"] == config and r["threads"] == threads and r["method"] in ("cpu", "gemm"):
             shapes.setdefault(f"{r['N']}x{r['K']}", {}).setdefault(r["M"], {})[r["method"]] = r["us"]
     table = {}
     for shape, by_m in shapes.items():
@@ -211,6 +216,11 @@ def crossovers(rows: list[dict], threads: int) -> dict:
             best = m
         table[shape] = best
     return {"default": max(1, min(table.values())), "shapes": table}
+
+
+def crossover_table(rows: list[dict], threads: int) -> dict:
+    """The crossovers per weight density, from the configurations with the calibrated thresholds."""
+    return {"weight_density": {str(d): crossovers(rows, threads, c) for c, d in CROSSOVER_CONFIGS.items()}}
 
 
 def summary(rows: list[dict], threads: int) -> str:
@@ -225,7 +235,8 @@ def summary(rows: list[dict], threads: int) -> str:
                 continue
             t1 = {meth: sum(r["us"] for r in sel if r["M"] == 1 and r["method"] == meth) for meth in METHODS}
             served = []  # what the op runs: the kernel up to the crossover, the thresholded GEMM above
-            cross = crossovers(rows, threads)["shapes"]
+            density = str(CONFIG_WEIGHT_DENSITY[config])
+            cross = crossover_table(rows, threads)["weight_density"][density]["shapes"]
             for r in sel:
                 if r["method"] == "dense" and r["M"] <= 16:
                     same = {x["method"]: x["us"] for x in sel if x["shape"] == r["shape"] and x["M"] == r["M"]}
@@ -272,7 +283,7 @@ def main() -> int:
                 layers = llama_layers(shape, 0.5, 0.5, max(args.batches), seed=i)
                 result["rows"] += run("llama2-7b", group, layers, args.batches, threads, args.reps)
                 del layers
-    result["crossover"] = {str(t): crossovers(result["rows"], t) for t in args.threads}
+    result["crossover"] = {str(t): crossover_table(result["rows"], t) for t in args.threads}
     md = [f"<!-- {result['command']} ({result['date']}, {result['cpu']}, isa {result['isa']}) -->", "",
           "Copy bandwidth (read + write) in the same run: " + ", ".join(
               f"{v:.1f} GB/s at {t} thread(s)" for t, v in result["copy_gbps"].items()), ""]

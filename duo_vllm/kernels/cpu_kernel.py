@@ -102,11 +102,14 @@ def _table(path: Path = TABLE_PATH) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def max_sparse_m(n: int, k: int, threads: int | None = None, table: dict | None = None) -> tuple[int, str]:
-    """(largest M the sparse kernel serves for an [N, K] weight, where that number comes from).
+def max_sparse_m(n: int, k: int, weight_density: float, threads: int | None = None,
+                 table: dict | None = None) -> tuple[int, str]:
+    """(largest M the sparse kernel serves for an [N, K] weight with this fraction of nonzeros, where that
+    number comes from).
 
-    The table holds, per CPU name and thread count, the measured crossover per "NxK" shape and a
-    "default" for shapes it did not measure.
+    The table holds, per CPU name and thread count, crossovers measured at some weight densities; the
+    nearest one serves. Each has the crossover per "NxK" shape and a "default" for shapes it did not
+    measure. Denser weights leave the kernel less to skip, so its crossover is lower.
     """
     table = _table() if table is None else table
     threads = torch.get_num_threads() if threads is None else threads
@@ -114,9 +117,12 @@ def max_sparse_m(n: int, k: int, threads: int | None = None, table: dict | None 
     entry = by_threads.get(str(threads))
     if entry is None:
         return UNMEASURED_MAX_SPARSE_M, f"no crossover measured for {cpu_name()!r} at {threads} threads"
-    if f"{n}x{k}" in entry["shapes"]:
-        return int(entry["shapes"][f"{n}x{k}"]), f"measured for {n}x{k} on {cpu_name()!r}, {threads} threads"
-    return int(entry["default"]), f"measured default on {cpu_name()!r}, {threads} threads"
+    density = min(entry["weight_density"], key=lambda d: abs(float(d) - weight_density))
+    at = entry["weight_density"][density]
+    where = f"on {cpu_name()!r}, {threads} threads, weight density {density}"
+    if f"{n}x{k}" in at["shapes"]:
+        return int(at["shapes"][f"{n}x{k}"]), f"measured for {n}x{k} {where}"
+    return int(at["default"]), f"measured default {where}"
 
 
 @dataclass
@@ -130,6 +136,7 @@ class CpuPacked:
     out_features: int
     in_features: int
     isa: str
+    weight_density: float  # fraction of nonzero weights
 
     @property
     def words(self) -> int:
@@ -193,7 +200,8 @@ def pack(weight: torch.Tensor) -> CpuPacked:
     segment_of = torch.repeat_interleave(torch.arange(counts.numel()), counts)
     rank = torch.arange(segment_of.numel()) - (torch.cumsum(counts, 0) - counts)[segment_of]
     as_int[starts[segment_of] + words + rank] = segments[nonzero].contiguous().view(torch.int32)
-    return CpuPacked(blob, starts.to(torch.int32).view(tiles, k).contiguous(), n, k, isa())
+    return CpuPacked(blob, starts.to(torch.int32).view(tiles, k).contiguous(), n, k, isa(),
+                     int(counts.sum()) / (n * k))
 
 
 def sparse_linear(x: torch.Tensor, threshold: torch.Tensor, packed: CpuPacked, bias: torch.Tensor | None = None,
