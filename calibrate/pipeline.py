@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -103,6 +106,34 @@ class FinishedBlock:
     generator_state: torch.Tensor  # the threshold sampler's RNG state after the block
 
 
+def _cpu_busy_elsewhere(seconds: float = 0.2) -> float | None:
+    """Cores' worth of CPU time other processes used over `seconds` while this one slept (Linux /proc/stat),
+    or None where that can't be read."""
+    def busy_total() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields[:8]) - idle, sum(fields[:8])
+    try:
+        b0, t0 = busy_total()
+        time.sleep(seconds)
+        b1, t1 = busy_total()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (b1 - b0) / max(t1 - t0, 1) * (os.cpu_count() or 1)
+
+
+def _cpu_threads(max_threads: int) -> int:
+    """Threads for the next block on CPU: one per core other processes leave free, at most `max_threads`.
+    torch splits every op evenly over its threads, so a thread sharing its core with a busy process makes
+    each op wait for that core's time slices (SmolLM2, 16 x 512, 2-core VM, one busy process beside it:
+    20 s per block at 2 threads, 10 s at 1; 7.3 s at 2 when quiet)."""
+    busy = _cpu_busy_elsewhere()
+    if busy is None:
+        return max_threads
+    cores = os.cpu_count() or 1
+    return max(1, min(max_threads, cores - int(busy + 0.25)))  # a core counts as taken from 0.75 of it on
+
+
 @torch.no_grad()
 def calibrate_blocks(
     model: nn.Module,
@@ -127,31 +158,40 @@ def calibrate_blocks(
     thresholds: dict[tuple[int, str], float] = {}
     rows: list[LayerRecord] = []
     layers = model.model.layers
+    max_threads = torch.get_num_threads()
     bar = tqdm(range(len(layers)), desc="calibrating", unit="block", dynamic_ncols=True)
-    for idx in bar:
-        t0 = time.time()
-        block = layers[idx].to(device)
-        with named_failures(f"model.layers.{idx}", device):
-            if idx < len(finished):
-                bar.set_postfix_str(f"({idx + 1}/{len(layers)}) replaying the interrupted run's block")
-                done = finished[idx]
-                orig_inps = [_run(block, x, kwargs, device).to(storage) for x in orig_inps]
-                for name, W in done.weights.items():
-                    block.get_submodule(name).weight.data = W.to(device)
-                gen.set_state(done.generator_state)
-            else:
-                done, orig_inps = _calibrate_block(block, idx, inps, orig_inps, kwargs, cfg, gen, device, storage,
-                                                   lambda s: bar.set_postfix_str(f"({idx + 1}/{len(layers)}) {s}"),
-                                                   log_line)
-            inps = _compressed_outputs(block, done.thresholds, inps, kwargs, device, storage)
-        layers[idx] = block.cpu()
-        thresholds.update({(idx, name): t for name, t in done.thresholds.items()})
-        if idx >= len(finished):
-            for r in done.rows:
-                r.block_seconds = round(time.time() - t0, 3)
-            if on_block:
-                on_block(idx, done)
-        rows += done.rows
+    try:
+        for idx in bar:
+            t0 = time.time()
+            if device.type == "cpu" and max_threads > 1:
+                threads = _cpu_threads(max_threads)
+                if threads != torch.get_num_threads():
+                    log_line(f"block {idx}: {threads} of {max_threads} threads (other processes use the other cores)")
+                    torch.set_num_threads(threads)
+            block = layers[idx].to(device)
+            with named_failures(f"model.layers.{idx}", device):
+                if idx < len(finished):
+                    bar.set_postfix_str(f"({idx + 1}/{len(layers)}) replaying the interrupted run's block")
+                    done = finished[idx]
+                    orig_inps = [_run(block, x, kwargs, device).to(storage) for x in orig_inps]
+                    for name, W in done.weights.items():
+                        block.get_submodule(name).weight.data = W.to(device)
+                    gen.set_state(done.generator_state)
+                else:
+                    done, orig_inps = _calibrate_block(block, idx, inps, orig_inps, kwargs, cfg, gen, device, storage,
+                                                       lambda s: bar.set_postfix_str(f"({idx + 1}/{len(layers)}) {s}"),
+                                                       log_line)
+                inps = _compressed_outputs(block, done.thresholds, inps, kwargs, device, storage)
+            layers[idx] = block.cpu()
+            thresholds.update({(idx, name): t for name, t in done.thresholds.items()})
+            if idx >= len(finished):
+                for r in done.rows:
+                    r.block_seconds = round(time.time() - t0, 3)
+                if on_block:
+                    on_block(idx, done)
+            rows += done.rows
+    finally:
+        torch.set_num_threads(max_threads)
     return thresholds, rows
 
 
