@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from duo_vllm.calibrate.models import default_test_model_dir, llama2_7b_shaped, 
 from duo_vllm.calibrate.pipeline import calibrate_blocks
 from duo_vllm.files import write_json_atomic
 from duo_vllm.format import DuoConfig
+from duo_vllm.kernels import cpu_kernel
 
 BUSY_LOOP = "while True: pass"
 
@@ -112,7 +112,7 @@ def main() -> int:
               f"{r['seconds_per_block']} | {r['peak_host_rss_gib']} | {r['peak_gpu_gib']} |", flush=True)
     write_json_atomic(args.out, {
         "model": args.model, "method": args.method, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_kernel.cpu_name(),
         "rows": rows, "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv),
     })
     return 0
