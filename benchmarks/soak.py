@@ -9,7 +9,7 @@ requests (seeded per client): chat or plain completions, streamed or not, a prom
 of the bundled wiki text, max_tokens 1..64, temperature 0 or 0.8. About 10% of the streamed requests
 hang up after 1 to 4 chunks. When the time is up the clients finish the requests they are in; then
 vLLM's /metrics must show no running or waiting request (the hung-up ones were aborted) within 15 s.
-A separate task polls GET /health every second throughout. The RSS of the server's process tree (the
+A separate process polls GET /health every second throughout. The RSS of the server's process tree (the
 server and its descendants, e.g. vLLM's EngineCore; shared pages counted once per process) is read
 after the warm-up (start), every 10 s, and after the last request (end).
 
@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import math
+import multiprocessing
 import os
 import random
 import sys
@@ -50,6 +51,7 @@ RSS_SLACK_MIB = 64
 RSS_EVERY_S = 10
 HEALTH_EVERY_S = 1
 HEALTH_TIMEOUT_S = 10
+LAG_EVERY_S = 0.25
 HANG_UP_SHARE = 0.1  # of the streamed requests
 MAX_TOKENS = 64
 PROMPT_WORDS = (3, 300)
@@ -63,7 +65,7 @@ class RequestError(Exception):
 
 @dataclass
 class Tally:
-    """What the clients and the health poller saw."""
+    """What the clients saw."""
 
     started: int = 0
     finished: int = 0
@@ -74,10 +76,6 @@ class Tally:
     finish_reasons: Counter = field(default_factory=Counter)
     kinds: Counter = field(default_factory=Counter)
     error_messages: list[str] = field(default_factory=list)
-    health_ok: int = 0
-    health_failed: int = 0
-    health_max_s: float = 0.0
-    health_messages: list[str] = field(default_factory=list)
 
     def error(self, message: str) -> None:
         self.errors += 1
@@ -215,33 +213,42 @@ async def client(http: httpx.AsyncClient, tally: Tally, rng: random.Random, word
         await one(http, tally, *make_request(rng, words, model))
 
 
-async def poll_health(base_url: str, tally: Tally, stop: asyncio.Event) -> None:
-    """GET /health every HEALTH_EVERY_S seconds until stop is set; count answers and keep why any failed.
+def probe_health(base_url: str, stop, results) -> None:
+    """In its own process: GET /health every HEALTH_EVERY_S s until `stop` is set; send the counts to `results`.
 
-    Each probe opens its own connection, as a load balancer's or Kubernetes' probe does: on a reused
-    one, a server loop stalled past uvicorn's keep-alive timeout (vLLM: 5 s) may close the socket just
-    as the next probe is sent, which is a client artefact and says nothing about the server's health.
+    Each probe opens its own connection (Connection: close), as a load balancer's or Kubernetes' probe does:
+    on a reused one, a server loop stalled past uvicorn's keep-alive timeout (vLLM: 5 s) may close the socket
+    just as the next probe is sent. The probe runs apart from the clients, whose event loop parses 64 streams
+    and can itself stall for seconds on 2 cores: a probe timed from that loop measured the driver, not the server.
     """
+    ok = failed = 0
+    max_s, messages = 0.0, []
     while not stop.is_set():
         t0 = time.monotonic()
         try:
-            async with httpx.AsyncClient(base_url=base_url, timeout=HEALTH_TIMEOUT_S, trust_env=False) as http:
-                status = (await http.get("/health", headers={"Connection": "close"})).status_code
+            status = httpx.get(base_url + "/health", headers={"Connection": "close"}, timeout=HEALTH_TIMEOUT_S,
+                               trust_env=False).status_code
             why = None if status == 200 else f"HTTP {status}"
         except httpx.HTTPError as e:
             why = f"{type(e).__name__}: {e}"
         took = time.monotonic() - t0
-        tally.health_max_s = max(tally.health_max_s, took)
+        max_s = max(max_s, took)
         if why is None:
-            tally.health_ok += 1
+            ok += 1
         else:
-            tally.health_failed += 1
-            if len(tally.health_messages) < KEEP_ERRORS:
-                tally.health_messages.append(f"after {took:.2f} s: {why}"[:500])
-        try:
-            await asyncio.wait_for(stop.wait(), max(0.0, HEALTH_EVERY_S - took))
-        except TimeoutError:
-            pass
+            failed += 1
+            if len(messages) < KEEP_ERRORS:
+                messages.append(f"after {took:.2f} s: {why}"[:500])
+        stop.wait(max(0.0, HEALTH_EVERY_S - took))
+    results.send({"ok": ok, "failed": failed, "max_s": round(max_s, 3), "messages": messages})
+
+
+async def watch_loop_lag(lags: list[float], stop: asyncio.Event) -> None:
+    """Record how late the driver's own event loop wakes from short sleeps (its stalls, not the server's)."""
+    while not stop.is_set():
+        t0 = time.monotonic()
+        await asyncio.sleep(LAG_EVERY_S)
+        lags.append(time.monotonic() - t0 - LAG_EVERY_S)
 
 
 async def sample_rss(pid: int, series: list[tuple[float, float]], t0: float, stop: asyncio.Event) -> None:
@@ -262,7 +269,12 @@ async def drive(server: ServerProcess, clients: int, duration: float, seed: int,
         words = load_text("local:wiki").split()
         warm, tally, stop = Tally(), Tally(), asyncio.Event()
         rngs = [random.Random(f"{seed}-{i}") for i in range(clients)]
-        watchers = [asyncio.create_task(poll_health(server.base_url, tally, stop))]
+        spawn = multiprocessing.get_context("spawn")
+        stop_probe, (health_in, health_out) = spawn.Event(), spawn.Pipe(duplex=False)
+        prober = spawn.Process(target=probe_health, args=(server.base_url, stop_probe, health_out), daemon=True)
+        prober.start()
+        lags: list[float] = []
+        watchers = [asyncio.create_task(watch_loop_lag(lags, stop))]
         await asyncio.gather(*(one(http, warm, *warm_up_request(i, words, model)) for i in range(clients)))
         rss_start, procs_start = tree_rss_mib(server.proc.pid)
         t0 = time.monotonic()
@@ -273,7 +285,12 @@ async def drive(server: ServerProcess, clients: int, duration: float, seed: int,
         load_s = time.monotonic() - t0
         idle = await engine_idle(http)
         stop.set()
+        stop_probe.set()
         await asyncio.gather(*watchers)
+    if not health_in.poll(HEALTH_TIMEOUT_S + 5):
+        raise RuntimeError("the health prober sent no counts")
+    health = health_in.recv()
+    prober.join()
     rss_end, procs_end = tree_rss_mib(server.proc.pid)
     series.append((round(load_s, 1), round(rss_end, 1)))
     lat = np.array(tally.latencies) if tally.latencies else np.array([math.nan])
@@ -287,8 +304,8 @@ async def drive(server: ServerProcess, clients: int, duration: float, seed: int,
         "completion_tokens": tally.completion_tokens,
         "latency_s": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
                       "max": float(lat.max())},
-        "health": {"ok": tally.health_ok, "failed": tally.health_failed, "max_s": round(tally.health_max_s, 3),
-                   "messages": tally.health_messages},
+        "health": health,
+        "driver_loop_lag_max_s": round(max(lags, default=0.0), 3),
         "rss_mib": {"start": round(rss_start, 1), "end": round(rss_end, 1), "max": max(v for _, v in series),
                     "limit": round(rss_start * RSS_GROWTH + RSS_SLACK_MIB, 1), "series": series,
                     "processes_start": {k: round(v, 1) for k, v in procs_start.items()},
@@ -335,6 +352,7 @@ def table(result: dict) -> str:
         ("completion tokens", f"{tokens} ({tokens / result['load_s']:.1f}/s)"),
         ("latency p50 / p99 / max", f"{lat['p50']:.2f} / {lat['p99']:.2f} / {lat['max']:.2f} s"),
         ("health ok / failed (slowest)", f"{health['ok']} / {health['failed']} ({health['max_s']:.2f} s)"),
+        ("driver's own loop, longest stall", f"{result['driver_loop_lag_max_s']:.2f} s"),
         ("RSS start / end / max (limit)", (f"{rss['start']:.0f} / {rss['end']:.0f} / {rss['max']:.0f} MiB "
                                            f"({rss['limit']:.0f})")),
         ("engine after the soak: running / waiting", (f"{result['engine_after']['num_requests_running']:.0f} / "
