@@ -8,9 +8,10 @@ from duo_vllm.calibrate.api import calibrate
 from duo_vllm.format import DuoConfig, is_duo_checkpoint, read_config
 
 
-def cached_checkpoint(work: Path, model_dir: Path, cfg: DuoConfig) -> Path:
-    """The checkpoint of `cfg` under `work`, calibrated only if no checkpoint with the same settings is there."""
-    out = work / f"{cfg.method}-w{cfg.weight_sparsity}-x{cfg.act_sparsity}"
+def cached_checkpoint(work: Path, model_dir: Path, cfg: DuoConfig, name: str | None = None) -> Path:
+    """The checkpoint of `cfg` under `work` (in `name`, default from the method and sparsities), calibrated only if
+    no checkpoint with the same settings is there."""
+    out = work / (name or f"{cfg.method}-w{cfg.weight_sparsity}-x{cfg.act_sparsity}")
     if is_duo_checkpoint(out) and read_config(out) == cfg:
         return out
     return calibrate(model_dir, out, cfg, force=True)

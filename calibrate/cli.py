@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = read_report(out).summary
     print(f"wrote {out}: weight sparsity {summary.weight_sparsity:.3f}, "
-          f"activation sparsity {summary.act_sparsity:.3f}, mean layer error {summary.mean_rel_error:.4g}")
+          f"activation sparsity {summary.act_sparsity:.3f}, mean layer error {summary.mean_rel_error:.4g}"
+          + ("" if summary.mean_heldout_rel_error is None else f" (held out: {summary.mean_heldout_rel_error:.4g})"))
     return 0
 
 

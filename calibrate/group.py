@@ -18,6 +18,9 @@ from duo_vllm.calibrate.methods import prune_weight
 from duo_vllm.format import DuoConfig, LayerRecord, apply_threshold
 
 QUANTILE_SAMPLE = 1 << 24  # entries kept per group for the threshold quantile (exact below this)
+ALPHAS = (0.0, 0.25, 0.5, 1.0)  # DuoGPT's held-out candidates at --percdamp (0: SparseGPT's solve)
+DAMPED_ALPHAS = (0.5, 1.0)  # also tried at DAMP_FACTOR x --percdamp: more damping tames a large α's overfit
+DAMP_FACTOR = 10
 
 
 class CalibrationError(ValueError):
@@ -47,30 +50,70 @@ def sampled_quantile_threshold(xs: list[torch.Tensor], sparsity: float, gen: tor
     return solver.activation_threshold(torch.cat(samples), sparsity)
 
 
+def holdout_split(n_samples: int, holdout: float) -> list[bool]:
+    """Which calibration sequences are held out (True): every round(1 / holdout)-th, none for holdout 0."""
+    if holdout <= 0:
+        return [False] * n_samples
+    every = max(2, round(1 / holdout))
+    return [i % every == every - 1 for i in range(n_samples)]
+
+
+def choose_on_heldout(W: torch.Tensor, fit: solver.InputStats, held: solver.InputStats,
+                      cfg: DuoConfig) -> tuple[DuoConfig, float, float | None]:
+    """(the settings to fit W with on all tokens, the held-out error of its fit on `fit`, SparseGPT's).
+
+    DuoGPT tries each α in ALPHAS at --percdamp and DAMPED_ALPHAS at DAMP_FACTOR times it, fit on `fit`,
+    and keeps the one whose layer error on `held` is lowest (α = 0 is SparseGPT's solve, so no linear ends
+    worse than SparseGPT there). Other methods have nothing to choose: their held-out error is reported.
+    """
+    if cfg.method != "duogpt":
+        return cfg, solver.reconstruction_error(prune_weight(W, fit, cfg), W, held), None
+    runs = {cfg.percdamp: ALPHAS}
+    if cfg.percdamp * DAMP_FACTOR != cfg.percdamp:
+        runs[cfg.percdamp * DAMP_FACTOR] = DAMPED_ALPHAS
+    errors = {}
+    for damp, alphas in runs.items():
+        fits = solver.prune_candidates(W, fit.H, fit.G, fit.a, cfg.weight_sparsity, list(alphas), cfg.blocksize,
+                                       damp, cfg.residual_weights, cfg.mask_score)
+        for alpha, W_fit in zip(alphas, fits):
+            errors[(alpha, damp)] = solver.reconstruction_error(W_fit, W, held)
+    alpha, damp = min(errors, key=errors.get)
+    return cfg.model_copy(update={"alpha": alpha, "percdamp": damp}), errors[(alpha, damp)], errors[(0.0, cfg.percdamp)]
+
+
 def calibrate_group(weights: dict[str, torch.Tensor], xs: list[torch.Tensor], xs_original: list[torch.Tensor],
                     cfg: DuoConfig, gen: torch.Generator, layer: int, device: torch.device,
                     log_line: Callable[[str], None]) -> GroupResult:
     """Threshold, statistics and pruned weights for the linears `weights` (name -> weight, on `device`) of
-    decoder block `layer`, whose input is xs (compressed stream) / xs_original (original stream) per sample."""
+    decoder block `layer`, whose input is xs (compressed stream) / xs_original (original stream) per sample.
+    With cfg.holdout, each linear's settings are chosen on a held-out split first (choose_on_heldout)."""
     first = next(iter(weights))
     t = sampled_quantile_threshold(xs, cfg.act_sparsity, gen)
     k = weights[first].shape[1]
-    stats = solver.InputStats(k, device=device)
+    fit, held = solver.InputStats(k, device=device), solver.InputStats(k, device=device)
     zeros = 0
-    for x, x_original in zip(xs, xs_original):
+    for x, x_original, held_out in zip(xs, xs_original, holdout_split(len(xs), cfg.holdout)):
         x_hat = apply_threshold(x.to(device), t)
         zeros += int((x_hat == 0).sum())
-        stats.add(x_hat, x_original.to(device))
-    act_sparsity = zeros / (stats.tokens * k)
-    if not (torch.isfinite(stats.H).all() and (stats.G is None or torch.isfinite(stats.G).all())):
+        (held if held_out else fit).add(x_hat, x_original.to(device))
+    act_sparsity = zeros / ((fit.tokens + held.tokens) * k)
+    if not all(torch.isfinite(m).all() for st in (fit, held) for m in (st.H, st.G)):
         raise CalibrationError(f"model.layers.{layer}.{first}: NaN/inf in its calibration inputs "
                                "(the model's earlier weights or activations overflow)")
-    result = GroupResult(threshold=t, weights={}, records=[])
+    chosen: dict[str, tuple[DuoConfig, float | None, float | None]] = {}
     for name, W in weights.items():
         with named_failures(f"model.layers.{layer}.{name}", device):
             if not torch.isfinite(W).all():
                 raise CalibrationError(f"model.layers.{layer}.{name}.weight holds NaN/inf in the input model")
-            W_new = prune_weight(W, stats, cfg)
+            chosen[name] = choose_on_heldout(W, fit, held, cfg) if held.tokens else (cfg, None, None)
+    stats = fit
+    stats.add_stats(held)  # all tokens: the final fit
+    del held
+    result = GroupResult(threshold=t, weights={}, records=[])
+    for name, W in weights.items():
+        linear_cfg, heldout_err, heldout_err_sparsegpt = chosen[name]
+        with named_failures(f"model.layers.{layer}.{name}", device):
+            W_new = prune_weight(W, stats, linear_cfg)
             if not torch.isfinite(W_new).all():
                 raise CalibrationError(f"model.layers.{layer}.{name}: pruning gave NaN/inf weights "
                                        f"(ill-conditioned Hessian; try a larger --percdamp than {cfg.percdamp})")
@@ -78,10 +121,15 @@ def calibrate_group(weights: dict[str, torch.Tensor], xs: list[torch.Tensor], xs
         W_new = W_new.to(W.dtype)
         w_sp = float((W_new == 0).float().mean())
         result.weights[name] = W_new
-        result.records.append(LayerRecord(layer=layer, linear=name, numel=W.numel(), weight_sparsity=w_sp,
-                                          act_sparsity=act_sparsity, threshold=t, rel_error=err))
+        duogpt = cfg.method == "duogpt"
+        result.records.append(LayerRecord(
+            layer=layer, linear=name, numel=W.numel(), weight_sparsity=w_sp, act_sparsity=act_sparsity, threshold=t,
+            rel_error=err, heldout_rel_error=heldout_err, heldout_rel_error_sparsegpt=heldout_err_sparsegpt,
+            alpha=linear_cfg.alpha if duogpt else None, percdamp=linear_cfg.percdamp if duogpt else None))
+        heldout = "" if heldout_err is None else f" held-out {heldout_err:.4g}"
+        choice = f" alpha {linear_cfg.alpha:g} damp {linear_cfg.percdamp:g}" if duogpt else ""
         log_line(f"layer {layer:3d} {name:16s} w-sparsity {w_sp:.3f} x-sparsity {act_sparsity:.3f} "
-                 f"t {t:.4g} rel-err {err:.4g}")
+                 f"t {t:.4g} rel-err {err:.4g}{heldout}{choice}")
     return result
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 log = logging.getLogger("duo.calibrate.solver")
+LAZY = 32  # columns per lazy update inside a mask block
 
 
 @dataclass
@@ -51,6 +52,15 @@ class InputStats:
             self.G.addmm_(dx.T, xs)
             self.A.addmm_(dx.T, dx)
         self.tokens += xs.shape[0]
+
+    def add_stats(self, other: InputStats) -> None:
+        """Add the sums of another split of the tokens (the statistics are additive)."""
+        self.H += other.H
+        self.sq_norm += other.sq_norm
+        if self.with_residual:
+            self.G += other.G
+            self.A += other.A
+        self.tokens += other.tokens
 
     @property
     def a(self) -> torch.Tensor | None:
@@ -108,69 +118,102 @@ def duogpt_prune(
 ) -> torch.Tensor:
     """Prune W (n × k) to `sparsity` zeros per `blocksize` columns, minimising ‖W'X̂ − WX̃‖².
 
-    G = a = None gives SparseGPT (symmetric target). Works in float32 (or the dtype of H) and returns
+    G = a = None, or alpha = 0, gives SparseGPT (symmetric target). Works in float32 (or the dtype of H) and returns
     W' in W's dtype. Columns are visited left to right; each one's pruning error and its share of the
     residual W ΔX are compensated by the columns not visited yet (Hessian synchronisation), lazily
     per block. `residual_weights`: the weights multiplying each column's residual ΔX_p: 'pre_prune'
     (the column's value when visited, before pruning), 'pruned' (after), or 'original' (the weights
     before any compensation: the target is W X̃ with the original W, so this is the exact sequential
-    projection; it measures 1-5% lower layer error than 'pre_prune' on SmolLM2). `mask_score`: 'prune_loss' ranks by the full loss of
-    pruning S; 'marginal' by S minus the loss the entry causes when kept.
+    projection). `mask_score`: 'prune_loss' ranks by the full loss of pruning S; 'marginal' by S minus
+    the loss the entry causes when kept.
+    """
+    alphas = [alpha if G is not None else 0.0]
+    return prune_candidates(W, H, G, a, sparsity, alphas, blocksize, percdamp, residual_weights, mask_score)[0]
+
+
+def prune_candidates(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    G: torch.Tensor | None,
+    a: torch.Tensor | None,
+    sparsity: float,
+    alphas: list[float],
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    residual_weights: str = "pre_prune",
+    mask_score: str = "prune_loss",
+) -> torch.Tensor:
+    """duogpt_prune for several residual weights α at once: [len(alphas), n, k]. α = 0 is SparseGPT exactly
+    (no residual: symmetric target, mask scores without the residual terms).
+
+    The candidates are stacked along the output rows, so the column loop runs once for all of them: on CPU
+    its cost is mostly the number of small ops, not their size. Each candidate picks its own mask.
     """
     if not 0 <= sparsity < 1:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if G is None and any(alphas):
+        raise ValueError("a residual weight alpha needs the cross statistics G and a (DuoGPT's asymmetric target)")
     out_dtype = W.dtype
     H = H.clone()
     W = W.to(H.dtype).clone()
     n, k = W.shape
+    c = len(alphas)
     _dead_channels(H, W)
-    W_orig = W.clone() if residual_weights == "original" else None
     U, _ = inverse_hessian_factor(H, percdamp)
     del H
-    asymmetric = G is not None
+    asymmetric = any(alphas)
+    W_orig = W.repeat(c, 1) if asymmetric and residual_weights == "original" else None
+    W = W.repeat(c, 1)  # [c n, k]: candidate j owns rows j n .. (j + 1) n
     if asymmetric:
+        per_row = lambda values: torch.tensor(values, dtype=U.dtype, device=U.device).repeat_interleave(n)[:, None]  # noqa: E731
+        alpha_rows = per_row(alphas)
+        residual_rows = per_row([float(al != 0) for al in alphas])  # 0: SparseGPT's mask score
         Q = G.to(U.dtype) @ U.T
-        P = torch.triu(Q, diagonal=1) @ U
-        diag_u = torch.diag(U)
+        Q_upper = torch.triu(Q, diagonal=1)
+        P = Q_upper @ U
         # per-column loss terms of the asymmetric target (see module doc): a − b + 2c
-        extra = a.to(U.dtype) - (torch.triu(Q, diagonal=1) ** 2).sum(1) + 2 * torch.diag(Q) / diag_u
-        keep_loss = a.to(U.dtype) - (torch.triu(Q, diagonal=1) ** 2).sum(1)
-        del Q
+        keep_loss = a.to(U.dtype) - (Q_upper**2).sum(1)
+        extra = keep_loss + 2 * torch.diag(Q) / torch.diag(U)
+        if mask_score == "marginal":
+            extra = extra - keep_loss
+        del Q, Q_upper
 
     for i1 in range(0, k, blocksize):
         i2 = min(i1 + blocksize, k)
-        count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        U1 = U[i1:i2, i1:i2]
-        Err1 = torch.zeros_like(W1)
-        Pre1 = torch.zeros_like(W1) if asymmetric else None
-
-        # adaptive mask: the `sparsity` fraction of this block's entries that are cheapest to prune
-        score = W1**2 / torch.diag(U1).reshape(1, -1) ** 2
+        # adaptive mask: per candidate, the `sparsity` fraction of this block's entries cheapest to prune
+        W1 = W[:, i1:i2]
+        score = W1**2 / torch.diag(U)[i1:i2].reshape(1, -1) ** 2
         if asymmetric:
-            extra1 = extra[i1:i2] if mask_score == "prune_loss" else extra[i1:i2] - keep_loss[i1:i2]
-            score = score + W1**2 * extra1.reshape(1, -1)
-        n_prune = int(score.numel() * sparsity)
-        prune = torch.zeros(score.numel(), dtype=torch.bool, device=W.device)
-        prune[torch.argsort(score.reshape(-1), stable=True)[:n_prune]] = True
-        prune = prune.reshape(score.shape)
-
-        for i in range(count):
-            w = W1[:, i]
-            q = torch.where(prune[:, i], torch.zeros_like(w), w)
-            err = (w - q) / U1[i, i]
+            score = score + W1**2 * extra[i1:i2].reshape(1, -1) * residual_rows
+        score = score.reshape(c, -1)
+        prune = torch.zeros_like(score, dtype=torch.bool)
+        n_prune = int(score.shape[1] * sparsity)
+        prune.scatter_(1, torch.topk(score, n_prune, dim=1, largest=False, sorted=False).indices, True)
+        prune = prune.reshape(c * n, i2 - i1)
+        # the columns, LAZY at a time: the loop's rank-1 updates cost n x LAZY per column instead of n x
+        # blocksize, and the rest of the block gets the same updates as one GEMM (the same sums, reordered)
+        for j1 in range(i1, i2, LAZY):
+            j2 = min(j1 + LAZY, i2)
+            W1 = W[:, j1:j2].clone()
+            U1 = U[j1:j2, j1:j2]
+            Err1 = torch.zeros_like(W1)
+            Pre1 = torch.zeros_like(W1) if asymmetric else None
+            for i in range(j2 - j1):
+                w = W1[:, i]
+                q = torch.where(prune[:, j1 - i1 + i], torch.zeros_like(w), w)
+                err = (w - q) / U1[i, i]
+                rest = W1[:, i + 1 :]  # rank-1 updates in place (addr_): no temporaries in the loop
+                if asymmetric:
+                    Pre1[:, i] = {"pre_prune": w, "pruned": q}[residual_weights] if W_orig is None else W_orig[:, j1 + i]
+                    rest.addr_(alpha_rows[:, 0] * Pre1[:, i], P[j1 + i, j1 + i + 1 : j2])
+                rest.addr_(err, U1[i, i + 1 :], alpha=-1)
+                W1[:, i] = q
+                Err1[:, i] = err
+            W[:, j1:j2] = W1
+            W[:, j2:] -= Err1 @ U[j1:j2, j2:]
             if asymmetric:
-                Pre1[:, i] = {"pre_prune": w, "pruned": q}[residual_weights] if W_orig is None else W_orig[:, i1 + i]
-                W1[:, i + 1 :] += alpha * Pre1[:, i : i + 1] * P[i1 + i, i1 + i + 1 : i2].reshape(1, -1)
-            W1[:, i + 1 :] -= err.reshape(-1, 1) * U1[i, i + 1 :].reshape(1, -1)
-            W1[:, i] = q
-            Err1[:, i] = err
-
-        W[:, i1:i2] = W1
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-        if asymmetric:
-            W[:, i2:] += alpha * (Pre1 @ P[i1:i2, i2:])
-    return W.to(out_dtype)
+                W[:, j2:] += alpha_rows * (Pre1 @ P[j1:j2, j2:])
+    return W.reshape(c, n, k).to(out_dtype)
 
 
 def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:

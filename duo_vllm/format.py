@@ -96,10 +96,16 @@ class DuoConfig(BaseModel):
     seed: int = Field(0, description="seed of the calibration window sampling")
     blocksize: int = Field(128, gt=0, description="columns per lazy-update block")
     percdamp: float = Field(0.01, ge=0.0, description="Hessian damping, fraction of mean(diag H)")
-    alpha: float = Field(0.25, json_schema_extra=_duogpt_only(),
-                         description="weight of the residual compensation; 1 is exact in-sample but overfits: on "
-                         "SmolLM2 (8x256 calibration, W50+X50) held-out perplexity 6007 at 1 vs 87.5 at 0.25 "
-                         "(SparseGPT: 102)")
+    holdout: float = Field(0.0, ge=0.0, lt=1.0,
+                           description="fraction of the calibration sequences held out: DuoGPT picks α and damping "
+                           "per linear by their error on them (α = 0, SparseGPT, among the candidates), every "
+                           "method's held-out layer error goes to duo_report.json, and the weights are then fit on "
+                           "all tokens. Off by default: on SmolLM2 (16x512, 2026-12-03) it lowered every layer's "
+                           "held-out error yet raised perplexity (W50+X50 wiki 85.9 vs 69.1 with the fixed α; "
+                           "benchmarks/results/heldout_choice.md); 0: DuoGPT uses --alpha and --percdamp")
+    alpha: float = Field(0.25, ge=0.0, json_schema_extra=_duogpt_only(),
+                         description="weight of the residual compensation with --holdout 0 (0 is SparseGPT); 1 is "
+                         "exact in-sample but overfits few tokens")
     residual_weights: Literal["pre_prune", "pruned", "original"] = Field(
         "pre_prune", json_schema_extra=_duogpt_only(),
         description="weights multiplying each column's residual: its value when visited (before pruning), after "
@@ -378,7 +384,12 @@ class LayerRecord(BaseModel):
     weight_sparsity: float  # zero fraction of the written weight
     act_sparsity: float  # zero fraction of its thresholded input on the calibration tokens
     threshold: float
-    rel_error: float  # ||(W - W_new) X||^2 / ||W X||^2 on the calibration tokens (in-sample)
+    rel_error: float  # ||W_new X̂ - W X̃||^2 / ||W X̃||^2 on the calibration tokens (in-sample)
+    # the same error on the held-out calibration sequences, of the weights fit on the rest (--holdout)
+    heldout_rel_error: float | None = None
+    heldout_rel_error_sparsegpt: float | None = None  # DuoGPT: SparseGPT's (α = 0) held-out error, for comparison
+    alpha: float | None = None  # DuoGPT: the residual weight and damping it was fit with
+    percdamp: float | None = None
     block_seconds: float | None = None  # wall time of its block; None for a block replayed by --resume
 
 
@@ -386,6 +397,7 @@ class ReportSummary(BaseModel):
     weight_sparsity: float  # parameter-weighted over all pruned linears
     act_sparsity: float
     mean_rel_error: float
+    mean_heldout_rel_error: float | None = None
 
 
 class CalibrationData(BaseModel):
@@ -413,7 +425,9 @@ class CalibrationReport(BaseModel):
         rows, numel = self.layers, sum(r.numel for r in self.layers)
         return ReportSummary(weight_sparsity=sum(r.weight_sparsity * r.numel for r in rows) / numel,
                              act_sparsity=sum(r.act_sparsity for r in rows) / len(rows),
-                             mean_rel_error=sum(r.rel_error for r in rows) / len(rows))
+                             mean_rel_error=sum(r.rel_error for r in rows) / len(rows),
+                             mean_heldout_rel_error=(sum(r.heldout_rel_error for r in rows) / len(rows) if
+                                                     all(r.heldout_rel_error is not None for r in rows) else None))
 
 
 def read_report(ckpt_dir: str | os.PathLike) -> CalibrationReport:

@@ -140,3 +140,18 @@ def test_activation_threshold_fraction():
     for p in (0.0, 0.3, 0.5, 0.9):
         t = solver.activation_threshold(x, p)
         assert float((apply_threshold(x, t) == 0).double().mean()) == pytest.approx(p, abs=1e-4)
+
+
+def test_candidates_stacked_equal_one_solve_each():
+    """prune_candidates runs several alphas (SparseGPT at 0) in one column loop: each equals its own solve."""
+    W, x_sparse, x_dense = random_layer(k=160)  # two lazy blocks, the second partial
+    st = stats_of(x_sparse, x_dense)
+    stacked = solver.prune_candidates(W, st.H, st.G, st.a, 0.5, [0.0, 0.25, 1.0], blocksize=128)
+    alone = [solver.sparsegpt_prune(W, st.H, 0.5), solver.duogpt_prune(W, st.H, st.G, st.a, 0.5, alpha=0.25),
+             solver.duogpt_prune(W, st.H, st.G, st.a, 0.5, alpha=1.0)]
+    for got, want in zip(stacked, alone):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert (got == 0).float().mean() == 0.5
+    assert not torch.equal(stacked[0], stacked[2])
+    with pytest.raises(ValueError, match="needs the cross statistics"):
+        solver.prune_candidates(W, st.H, None, None, 0.5, [0.5])
