@@ -90,14 +90,17 @@ def calibrate_group(weights: dict[str, torch.Tensor], xs: list[torch.Tensor], xs
     first = next(iter(weights))
     t = sampled_quantile_threshold(xs, cfg.act_sparsity, gen)
     k = weights[first].shape[1]
-    fit, held = solver.InputStats(k, device=device), solver.InputStats(k, device=device)
+    split = holdout_split(len(xs), cfg.holdout)
+    fit = solver.InputStats(k, device=device)
+    held = solver.InputStats(k, device=device) if any(split) else None  # k x k sums: only when used
     zeros = 0
-    for x, x_original, held_out in zip(xs, xs_original, holdout_split(len(xs), cfg.holdout)):
+    for x, x_original, held_out in zip(xs, xs_original, split):
         x_hat = apply_threshold(x.to(device), t)
         zeros += int((x_hat == 0).sum())
         (held if held_out else fit).add(x_hat, x_original.to(device))
-    act_sparsity = zeros / ((fit.tokens + held.tokens) * k)
-    if not all(torch.isfinite(m).all() for st in (fit, held) for m in (st.H, st.G)):
+    both = (fit,) if held is None else (fit, held)
+    act_sparsity = zeros / (sum(st.tokens for st in both) * k)
+    if not all(torch.isfinite(m).all() for st in both for m in (st.H, st.G)):
         raise CalibrationError(f"model.layers.{layer}.{first}: NaN/inf in its calibration inputs "
                                "(the model's earlier weights or activations overflow)")
     chosen: dict[str, tuple[DuoConfig, float | None, float | None]] = {}
@@ -105,10 +108,11 @@ def calibrate_group(weights: dict[str, torch.Tensor], xs: list[torch.Tensor], xs
         with named_failures(f"model.layers.{layer}.{name}", device):
             if not torch.isfinite(W).all():
                 raise CalibrationError(f"model.layers.{layer}.{name}.weight holds NaN/inf in the input model")
-            chosen[name] = choose_on_heldout(W, fit, held, cfg) if held.tokens else (cfg, None, None)
+            chosen[name] = (cfg, None, None) if held is None else choose_on_heldout(W, fit, held, cfg)
     stats = fit
-    stats.add_stats(held)  # all tokens: the final fit
-    del held
+    if held is not None:
+        stats.add_stats(held)  # all tokens: the final fit
+        del held
     result = GroupResult(threshold=t, weights={}, records=[])
     for name, W in weights.items():
         linear_cfg, heldout_err, heldout_err_sparsegpt = chosen[name]
