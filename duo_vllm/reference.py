@@ -27,11 +27,10 @@ def attach_thresholds(model: nn.Module, thresholds: dict[tuple[int, str], float]
     layers = model.model.layers
     for (layer_idx, linear), t in thresholds.items():
         module = layers[layer_idx].get_submodule(linear)
-        t_tensor = torch.tensor(t, dtype=torch.float32)
+        t32 = float(torch.tensor(t, dtype=torch.float32))  # the checkpoint's fp32 value
 
-        def hook(_module, args, t_tensor=t_tensor):
-            x = args[0]
-            return (apply_threshold(x, t_tensor.to(x.dtype)),) + tuple(args[1:])
+        def hook(_module, args, t32=t32):
+            return (apply_threshold(args[0], t32),) + tuple(args[1:])
 
         handles.append(module.register_forward_pre_hook(hook))
     return handles

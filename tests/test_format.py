@@ -5,6 +5,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from duo_vllm.format import (
     LINEAR_NAMES,
@@ -14,6 +15,7 @@ from duo_vllm.format import (
     DuoFormatError,
     LayerRecord,
     all_linears,
+    apply_threshold,
     check_thresholds,
     read_report,
     write_checkpoint,
@@ -56,3 +58,16 @@ def test_bad_thresholds_are_refused_before_anything_is_written(tmp_path, edit, m
     with pytest.raises(DuoFormatError, match=message):
         write_checkpoint(tmp_path / "out", model, None, thresholds, _report())
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_apply_threshold_float_equals_tensor(dtype):
+    """The one-pass path of a Python float threshold (calibration) keeps exactly what the 0-d tensor path
+    (serving, the reference) keeps: |x| > t with t in x's dtype, ties dropped, NaN dropped, inf kept."""
+    x = torch.randn(300, 97, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x.view(-1)[:7] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5, -0.5, -0.0, 0.3]).to(dtype)
+    for t in (0.0, 0.3, 0.5, 1.7):
+        fast = apply_threshold(x, t)
+        assert fast.dtype == dtype
+        assert torch.equal(fast, apply_threshold(x, torch.tensor(t, dtype=torch.float32).to(dtype))), t
+    assert apply_threshold(x, 0.5).view(-1)[:5].tolist() == [0.0, float("inf"), -float("inf"), 0.0, 0.0]

@@ -140,6 +140,9 @@ def test_activation_threshold_fraction():
     for p in (0.0, 0.3, 0.5, 0.9):
         t = solver.activation_threshold(x, p)
         assert float((apply_threshold(x, t) == 0).double().mean()) == pytest.approx(p, abs=1e-4)
+        if p:  # the order statistic torch.kthvalue gives
+            kth = int(round(p * x.numel()))
+            assert t == float(torch.kthvalue(x.abs().float(), kth).values)
 
 
 def test_candidates_stacked_equal_one_solve_each():

@@ -18,6 +18,7 @@ path. ``DUO_CPU_ISA=avx2|portable`` forces a lesser one.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import platform
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from duo_vllm.files import write_text_atomic
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
 TABLE_PATH = Path(__file__).with_name("cpu_crossover.json")
@@ -45,21 +48,28 @@ class CpuKernelUnavailable(RuntimeError):
 
 
 def _cache_dir() -> Path:
+    """One build per torch, Python and source text. Keyed by the text, not the checkout: the build command names
+    the source's path, so checkouts sharing one build would rebuild it each time another had (24 s per server
+    start on the 2-core VMs)."""
     root = os.environ.get("DUO_CPU_KERNEL_CACHE") or Path.home() / ".cache" / "duo-vllm" / "cpu_kernel"
-    return Path(root) / f"torch-{torch.__version__}-py{platform.python_version()}"
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    return Path(root) / f"torch-{torch.__version__}-py{platform.python_version()}-{digest}"
 
 
 @functools.cache
 def load() -> None:
-    """Compile (once per machine and torch version) and load the op library; raises CpuKernelUnavailable."""
+    """Compile (once per machine, torch version and source) and load the op library; raises CpuKernelUnavailable."""
     from torch.utils import cpp_extension
 
     build_dir = _cache_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
+    source = build_dir / SOURCE.name  # the build's own copy: the same path whichever checkout builds it
+    if not source.is_file():
+        write_text_atomic(source, SOURCE.read_text(encoding="utf-8"))
     try:
         # -fopenmp: at::parallel_for's OpenMP pragmas; the soname libgomp.so.1 resolves to torch's own
         # runtime (already loaded), so the kernel shares torch's (and vLLM's bound) threads.
-        cpp_extension.load(name="duo_cpu_kernel", sources=[str(SOURCE)], build_directory=str(build_dir),
+        cpp_extension.load(name="duo_cpu_kernel", sources=[str(source)], build_directory=str(build_dir),
                            extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)
     except Exception as e:  # compiler missing, headers missing, ninja missing, ...
