@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -106,18 +107,8 @@ def _dead_channels(H: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     return dead
 
 
-def duogpt_prune(
-    W: torch.Tensor,
-    H: torch.Tensor,
-    G: torch.Tensor | None,
-    a: torch.Tensor | None,
-    sparsity: float,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    alpha: float = 1.0,
-    residual_weights: str = "pre_prune",
-    mask_score: str = "prune_loss",
-) -> torch.Tensor:
+def duogpt_prune(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor | None, a: torch.Tensor | None,
+                 sparsity: float, alpha: float = 1.0, **options: Any) -> torch.Tensor:
     """Prune W (n × k) to `sparsity` zeros per `blocksize` columns, minimising ‖W'X̂ − WX̃‖².
 
     G = a = None, or alpha = 0, gives SparseGPT (symmetric target). Works in float32 (or the dtype of H) and returns
@@ -128,9 +119,10 @@ def duogpt_prune(
     before any compensation: the target is W X̃ with the original W, so this is the exact sequential
     projection). `mask_score`: 'prune_loss' ranks by the full loss of pruning S; 'marginal' by S minus
     the loss the entry causes when kept.
+    `options` (blocksize, percdamp, residual_weights, mask_score) are passed to prune_candidates.
     """
     alphas = [alpha if G is not None else 0.0]
-    return prune_candidates(W, H, G, a, sparsity, alphas, blocksize, percdamp, residual_weights, mask_score)[0]
+    return prune_candidates(W, H, G, a, sparsity, alphas, **options)[0]
 
 
 def prune_candidates(
