@@ -1,12 +1,14 @@
-"""DuoGPT with α and damping chosen per linear on held-out calibration tokens, against the fixed settings it had
-before (α 0.25, pre-prune residual weights, no split) and the baselines: held-out perplexity on SmolLM2-135M.
+"""DuoGPT's settings side by side (α and damping chosen per linear on held-out calibration tokens, with the final
+fit on all tokens or on the kept split only; fixed α with each residual-weight choice) against SparseGPT and
+Wanda: held-out perplexity, KL to the dense model and top-1 agreement on SmolLM2-135M.
 
-  python benchmarks/heldout_choice.py --nsamples 16 --seqlen 512 --levels W30+X30 W50+X50 --seeds 0
+  python benchmarks/heldout_choice.py --nsamples 64 --seqlen 512 --levels W30+X30 W50+X50 --seeds 0
 
 Every variant of a (level, seed) cell calibrates on the same tokens (the seed draws the c4 windows). Scored on
 held-out local:wiki and on local:c4 windows that overlap no calibration window of that seed (offline reference,
-thresholds applied). Prints a table (mean over seeds, ± half the range), writes JSON; checkpoints are cached
-in --work, a rerun scores only what is missing.
+thresholds applied), against the dense model's distributions on the same windows; perplexity ratios to each
+baseline are paired over the windows (bootstrap interval). Prints tables (mean over seeds, ± half the range),
+writes JSON; checkpoints are cached in --work, a rerun scores only what is missing.
 """
 from __future__ import annotations
 
@@ -17,36 +19,81 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from bench_io import cached_checkpoint
 
 from duo_vllm.calibrate import data, models
-from duo_vllm.evaluate.perplexity import load_for_eval, perplexity
+from duo_vllm.evaluate.perplexity import load_for_eval, reference, score_windows
+from duo_vllm.evaluate.stats import perplexity_ratio
 from duo_vllm.files import write_json_atomic, write_text_atomic
 from duo_vllm.format import DuoConfig
 
 LEVELS = {"W30+X30": 0.3, "W40+X40": 0.4, "W50+X50": 0.5, "W60+X60": 0.6}
-VARIANTS = {  # name -> DuoConfig fields beyond the level and calibration data
-    "duogpt, held-out choice": {"method": "duogpt", "holdout": 0.25, "residual_weights": "original"},
-    "duogpt, fixed (α 0.25, pre-prune)": {"method": "duogpt", "holdout": 0.0, "alpha": 0.25,
-                                          "residual_weights": "pre_prune"},
-    "sparsegpt": {"method": "sparsegpt"},
-    "wanda": {"method": "wanda"},
+VARIANTS = {  # name -> (checkpoint name, DuoConfig fields beyond the level and calibration data)
+    "duogpt, held-out choice": ("duogpt-heldout", {"method": "duogpt", "holdout": 0.25,
+                                                   "residual_weights": "original"}),
+    "duogpt, held-out choice, kept-split fit": ("duogpt-heldout-kept", {"method": "duogpt", "holdout": 0.25,
+                                                                   "residual_weights": "original",
+                                                                   "final_fit": "kept"}),
+    "duogpt, fixed (α 0.25, pre-prune)": ("duogpt-fixed", {"method": "duogpt", "holdout": 0.0, "alpha": 0.25,
+                                                           "residual_weights": "pre_prune"}),
+    "duogpt, α 0.25, original": ("duogpt-a0.25-original", {"method": "duogpt", "holdout": 0.0, "alpha": 0.25,
+                                                           "residual_weights": "original"}),
+    "duogpt, α 1, original (exact)": ("duogpt-a1-original", {"method": "duogpt", "holdout": 0.0, "alpha": 1.0,
+                                                             "residual_weights": "original"}),
+    "sparsegpt": ("sparsegpt", {"method": "sparsegpt"}),
+    "wanda": ("wanda", {"method": "wanda"}),
 }
 PPL_DATASETS = ("local:wiki", "local:c4")
+BASELINES = ("sparsegpt", "wanda")  # what the DuoGPT variants are compared with, pair by pair
+
+
+def _cells(result: dict, variant: str, level: str) -> list[dict]:
+    return [result["cells"][k] for s in result["seeds"] if (k := f"{variant}|{level}|{s}") in result["cells"]]
+
+
+def _spread(vals: list[float], fmt: str) -> str:
+    return f"{fmt.format(statistics.mean(vals))} ± {fmt.format((max(vals) - min(vals)) / 2)}" if vals else "–"
 
 
 def table(result: dict) -> str:
+    levels, head = result["levels"], "| variant | " + " | ".join(result["levels"]) + " |"
+    rule = "|" + "---|" * (len(levels) + 1)
     lines = []
     for dataset in PPL_DATASETS:
-        lines += [f"Perplexity, held-out {dataset} (mean over seeds {result['seeds']}, ± half the range)", "",
-                  "| variant | " + " | ".join(result["levels"]) + " |", "|" + "---|" * (len(result["levels"]) + 1)]
-        for variant in result["variants"]:
+        lines += [f"Perplexity, held-out {dataset} (mean over seeds {result['seeds']}, ± half the range)", "", head, rule]
+        lines += [f"| {v} | " + " | ".join(_spread([c["perplexity"][dataset] for c in _cells(result, v, lv)], "{:.2f}")
+                                          for lv in levels) + " |" for v in result["variants"]]
+        lines += ["", f"KL(dense ‖ model) in nats per token / top-1 agreement with the dense model, held-out {dataset}",
+                  "", head, rule]
+        for v in result["variants"]:
             cells = []
-            for level in result["levels"]:
-                vals = [result["cells"][f"{variant}|{level}|{s}"]["perplexity"][dataset] for s in result["seeds"]
-                        if f"{variant}|{level}|{s}" in result["cells"]]
-                cells.append(f"{statistics.mean(vals):.2f} ± {(max(vals) - min(vals)) / 2:.2f}" if vals else "–")
-            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+            for lv in levels:
+                got = [c for c in _cells(result, v, lv) if "kl" in c]
+                cells.append(f"{_spread([c['kl'][dataset] for c in got], '{:.3f}')} / "
+                             f"{_spread([100 * c['top1'][dataset] for c in got], '{:.1f}')} %" if got else "–")
+            lines.append(f"| {v} | " + " | ".join(cells) + " |")
+        for base in BASELINES:
+            if base not in result["variants"]:
+                continue
+            lines += ["", f"Perplexity over {base}'s, held-out {dataset}: paired over the same windows (all seeds), "
+                      "95 % bootstrap interval", "", head, rule]
+            for v in result["variants"]:
+                if v in BASELINES:
+                    continue
+                cells = []
+                for lv in levels:
+                    pairs = [(result["cells"][f"{v}|{lv}|{s}"], result["cells"][f"{base}|{lv}|{s}"])
+                             for s in result["seeds"] if all(f"{m}|{lv}|{s}" in result["cells"] for m in (v, base))]
+                    pairs = [(a, b) for a, b in pairs if "window_nll" in a and "window_nll" in b]
+                    if not pairs:
+                        cells.append("–")
+                        continue
+                    r = perplexity_ratio([x for a, _ in pairs for x in a["window_nll"][dataset]],
+                                         [x for _, b in pairs for x in b["window_nll"][dataset]])
+                    cells.append(f"{r['ratio']:.3f} ({r['low']:.3f}–{r['high']:.3f})")
+                lines.append(f"| {v} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -75,24 +122,30 @@ def main() -> int:
     for seed in args.seeds:
         windows = {name: data.evaluation_windows(tok, name, args.ppl_seqlen, args.ppl_tokens,
                                                  (args.nsamples, args.seqlen, seed)) for name in PPL_DATASETS}
-        for level in args.levels:
-            for variant in args.variants:
-                key = f"{variant}|{level}|{seed}"
-                if key in cells:
-                    continue
-                cfg = DuoConfig(**VARIANTS[variant], weight_sparsity=LEVELS[level], act_sparsity=LEVELS[level],
-                                nsamples=args.nsamples, seqlen=args.seqlen, seed=seed)
-                t0 = time.time()
-                name = f"{variant.split(',')[0]}-{'fixed' if 'fixed' in variant else 'default'}-{level}-s{seed}"
-                ckpt = cached_checkpoint(work, model_dir, cfg, name)
-                t1 = time.time()
-                net = load_for_eval(ckpt)
-                cells[key] = {"perplexity": {n: perplexity(net, w, progress=False) for n, w in windows.items()},
-                              "checkpoint": str(ckpt), "seconds": {"calibrate": round(t1 - t0, 1),
-                                                                   "score": round(time.time() - t1, 1)}}
-                del net
-                print(f"{key}: " + ", ".join(f"{n} {v:.2f}" for n, v in cells[key]["perplexity"].items()), flush=True)
-                write_json_atomic(out, result)
+        todo = [(lv, v) for lv in args.levels for v in args.variants if "kl" not in cells.get(f"{v}|{lv}|{seed}", {})]
+        if not todo:
+            continue
+        dense = models.load_model(model_dir, torch.float32)
+        refs = {name: reference(dense, w, progress=False) for name, w in windows.items()}  # ~1.6 GB per 16k tokens
+        del dense
+        for level, variant in todo:
+            key = f"{variant}|{level}|{seed}"
+            slug, fields = VARIANTS[variant]
+            cfg = DuoConfig(**fields, weight_sparsity=LEVELS[level], act_sparsity=LEVELS[level],
+                            nsamples=args.nsamples, seqlen=args.seqlen, seed=seed)
+            t0 = time.time()
+            ckpt = cached_checkpoint(work, model_dir, cfg, f"{slug}-{level}-s{seed}")
+            t1 = time.time()
+            net = load_for_eval(ckpt)
+            scores = {n: score_windows(net, w, refs[n], progress=False).summary() for n, w in windows.items()}
+            del net
+            calibrate_s = cells.get(key, {}).get("seconds", {}).get("calibrate", round(t1 - t0, 1))  # a rescore
+            cells[key] = {**{field: {n: sc[field] for n, sc in scores.items()} for field in scores[PPL_DATASETS[0]]},
+                          "checkpoint": str(ckpt),
+                          "seconds": {"calibrate": calibrate_s, "score": round(time.time() - t1, 1)}}
+            print(f"{key}: " + ", ".join(f"{n} {sc['perplexity']:.2f} (KL {sc['kl']:.3f}, top-1 {sc['top1']:.3f})"
+                                         for n, sc in scores.items()), flush=True)
+            write_json_atomic(out, result)
     result["date"] = time.strftime("%Y-%m-%d")
     result["table"] = table(result)
     write_json_atomic(out, result)

@@ -86,7 +86,8 @@ def calibrate_group(weights: dict[str, torch.Tensor], xs: list[torch.Tensor], xs
                     log_line: Callable[[str], None]) -> GroupResult:
     """Threshold, statistics and pruned weights for the linears `weights` (name -> weight, on `device`) of
     decoder block `layer`, whose input is xs (compressed stream) / xs_original (original stream) per sample.
-    With cfg.holdout, each linear's settings are chosen on a held-out split first (choose_on_heldout)."""
+    With cfg.holdout, each linear's settings are chosen on a held-out split first (choose_on_heldout), then the
+    weights are fit on cfg.final_fit's tokens."""
     first = next(iter(weights))
     t = sampled_quantile_threshold(xs, cfg.act_sparsity, gen)
     k = weights[first].shape[1]
@@ -110,9 +111,9 @@ def calibrate_group(weights: dict[str, torch.Tensor], xs: list[torch.Tensor], xs
                 raise CalibrationError(f"model.layers.{layer}.{name}.weight holds NaN/inf in the input model")
             chosen[name] = (cfg, None, None) if held is None else choose_on_heldout(W, fit, held, cfg)
     stats = fit
-    if held is not None:
-        stats.add_stats(held)  # all tokens: the final fit
-        del held
+    if held is not None and cfg.final_fit == "all":
+        stats.add_stats(held)
+    del held
     result = GroupResult(threshold=t, weights={}, records=[])
     for name, W in weights.items():
         linear_cfg, heldout_err, heldout_err_sparsegpt = chosen[name]

@@ -104,6 +104,10 @@ class DuoConfig(BaseModel):
                            "all tokens. Off by default: on SmolLM2 (16x512, 2026-12-03) it lowered every layer's "
                            "held-out error yet raised perplexity (W50+X50 wiki 85.9 vs 69.1 with the fixed α; "
                            "benchmarks/results/heldout_choice.md); 0: DuoGPT uses --alpha and --percdamp")
+    final_fit: Literal["all", "kept"] = Field(
+        "all", description="with --holdout, the tokens the final weights are fit on: all of them, or the kept split "
+        "only, so that the held-out sequences never enter a fit and the later layers' held-out inputs are out of "
+        "sample too")
     alpha: float = Field(0.25, ge=0.0, json_schema_extra=_duogpt_only(),
                          description="weight of the residual compensation with --holdout 0 (0 is SparseGPT); 1 is "
                          "exact in-sample but overfits few tokens")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from duo_vllm.calibrate import group, solver
+from duo_vllm.calibrate.methods import prune_weight
 from duo_vllm.format import DuoConfig, apply_threshold
 
 
@@ -55,3 +56,22 @@ def test_group_records_report_heldout_errors_and_the_choice():
     fixed = group.calibrate_group({"mlp.down_proj": W}, xs, xs, DuoConfig(holdout=0.0), torch.Generator().manual_seed(0),
                                   3, torch.device("cpu"), lines.append)
     assert fixed.records[0].heldout_rel_error is None and fixed.records[0].alpha == DuoConfig().alpha
+
+
+def test_final_fit_on_the_kept_split_leaves_the_held_out_tokens_out():
+    W, xs = _layer()
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    cfg = DuoConfig(holdout=0.25, final_fit="kept")
+    result = group.calibrate_group({"mlp.down_proj": W}, xs, xs, cfg, gen(), 3, torch.device("cpu"), lambda _: None)
+    (rec,) = result.records
+    t = group.sampled_quantile_threshold(xs, cfg.act_sparsity, gen())
+    kept = solver.InputStats(W.shape[1])
+    for x, held_out in zip(xs, group.holdout_split(len(xs), cfg.holdout)):
+        if not held_out:
+            kept.add(apply_threshold(x, t), x)
+    expected = prune_weight(W, kept, cfg.model_copy(update={"alpha": rec.alpha, "percdamp": rec.percdamp}))
+    torch.testing.assert_close(result.weights["mlp.down_proj"], expected, rtol=0, atol=0)
+    everything = group.calibrate_group({"mlp.down_proj": W}, xs, xs, DuoConfig(holdout=0.25), gen(), 3,
+                                       torch.device("cpu"), lambda _: None)
+    assert everything.records[0].alpha == rec.alpha  # same choice, different final fit
+    assert not torch.equal(everything.weights["mlp.down_proj"], result.weights["mlp.down_proj"])
