@@ -44,6 +44,10 @@ VARIANTS = {  # name -> (checkpoint name, DuoConfig fields beyond the level and 
                                                              "residual_weights": "original"}),
     "sparsegpt": ("sparsegpt", {"method": "sparsegpt"}),
     "wanda": ("wanda", {"method": "wanda"}),
+    # as the papers calibrate: weights fit on dense inputs, thresholds applied only when served
+    "sparsegpt, paper-style (dense inputs)": ("sparsegpt-dense-inputs", {"method": "sparsegpt",
+                                                                         "calibration_inputs": "dense"}),
+    "wanda, paper-style (dense inputs)": ("wanda-dense-inputs", {"method": "wanda", "calibration_inputs": "dense"}),
 }
 PPL_DATASETS = ("local:wiki", "local:c4")
 BASELINES = ("sparsegpt", "wanda")  # what the DuoGPT variants are compared with, pair by pair

@@ -96,9 +96,10 @@ def calibrate_group(weights: dict[str, torch.Tensor], xs: list[torch.Tensor], xs
     held = solver.InputStats(k, device=device) if any(split) else None  # k x k sums: only when used
     zeros = 0
     for x, x_original, held_out in zip(xs, xs_original, split):
-        x_hat = apply_threshold(x.to(device), t)
+        x = x.to(device)
+        x_hat = apply_threshold(x, t)
         zeros += int((x_hat == 0).sum())
-        (held if held_out else fit).add(x_hat, x_original.to(device))
+        (held if held_out else fit).add(x if cfg.calibration_inputs == "dense" else x_hat, x_original.to(device))
     both = (fit,) if held is None else (fit, held)
     act_sparsity = zeros / (sum(st.tokens for st in both) * k)
     if not all(torch.isfinite(m).all() for st in both for m in (st.H, st.G)):

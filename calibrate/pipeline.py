@@ -180,7 +180,8 @@ def calibrate_blocks(
                     done, orig_inps = _calibrate_block(block, idx, inps, orig_inps, kwargs, cfg, gen, device, storage,
                                                        lambda s: bar.set_postfix_str(f"({idx + 1}/{len(layers)}) {s}"),
                                                        log_line)
-                inps = _compressed_outputs(block, done.thresholds, inps, kwargs, device, storage)
+                applied = done.thresholds if cfg.calibration_inputs == "thresholded" else {}
+                inps = _compressed_outputs(block, applied, inps, kwargs, device, storage)
             layers[idx] = block.cpu()
             thresholds.update({(idx, name): t for name, t in done.thresholds.items()})
             if idx >= len(finished):
@@ -226,7 +227,8 @@ def _calibrate_block(block: nn.Module, idx: int, inps: list[torch.Tensor], orig_
                 done.weights[name] = result.weights[name].cpu()
                 done.thresholds[name] = result.threshold
             done.rows += result.records
-            handles += [_threshold_hook(lin, result.threshold) for lin in linears.values()]  # for the next group's X̂
+            if cfg.calibration_inputs == "thresholded":  # the next group's X̂ as served
+                handles += [_threshold_hook(lin, result.threshold) for lin in linears.values()]
     finally:
         for h in handles:
             h.remove()

@@ -122,6 +122,11 @@ class DuoConfig(BaseModel):
         "compressed", json_schema_extra=_duogpt_only(),
         description="sparse input X̂ from the compressed model (default), or sparsify(X̃) of the original model")
 
+    calibration_inputs: Literal["thresholded", "dense"] = Field(
+        "thresholded", description="the inputs the weights are fit on: thresholded, as they are when served "
+        "(default), or dense, the way the SparseGPT and Wanda papers calibrate, with the thresholds applied only "
+        "when served (the paper-style baselines; the thresholds are still calibrated)")
+
     @field_validator("method", "input_stream", mode="before")
     @classmethod
     def _renamed(cls, v: Any, info: ValidationInfo) -> Any:

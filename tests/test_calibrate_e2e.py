@@ -92,3 +92,28 @@ def test_perplexity_ordering(perplexities):
     p = perplexities
     assert p["dense"] < p["duogpt"] < p["magnitude"], p
     assert p["duogpt"] <= p["sparsegpt"], p
+
+
+def test_paper_style_baseline_fits_on_the_dense_stream(tmp_path):
+    """--calibration-inputs dense: no threshold enters calibration, so SparseGPT's weights at W50+X50 are those of
+    W50+X0 (whose thresholds are 0) bit for bit, while the thresholds are still calibrated."""
+    from safetensors.torch import load_file
+
+    import tiny_models
+    from duo_vllm.calibrate.api import calibrate
+    from duo_vllm.format import DuoConfig
+
+    user = tiny_models.write_hf("qwen2", tmp_path / "user")
+    kw = dict(method="sparsegpt", weight_sparsity=0.5, nsamples=2, seqlen=64)
+    dense = calibrate(user, tmp_path / "dense", DuoConfig(**kw, act_sparsity=0.5, calibration_inputs="dense"),
+                      device="cpu")
+    plain = calibrate(user, tmp_path / "plain", DuoConfig(**kw, act_sparsity=0.0), device="cpu")
+    served = calibrate(user, tmp_path / "served", DuoConfig(**kw, act_sparsity=0.5), device="cpu")
+    weights = {name: load_file(next(path.glob("*.safetensors"))) for name, path in
+               (("dense", dense), ("plain", plain), ("served", served))}
+    for tensor, w in weights["dense"].items():
+        assert torch.equal(w, weights["plain"][tensor]), tensor
+    assert any(not torch.equal(w, weights["served"][t]) for t, w in weights["dense"].items() if t.endswith("proj.weight"))
+    t_dense, t_served = load_thresholds(dense), load_thresholds(served)
+    assert all(t > 0 for t in t_dense.values())
+    assert t_dense[(0, "self_attn.q_proj")] == t_served[(0, "self_attn.q_proj")]  # the same first input

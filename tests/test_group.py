@@ -75,3 +75,20 @@ def test_final_fit_on_the_kept_split_leaves_the_held_out_tokens_out():
                                        torch.device("cpu"), lambda _: None)
     assert everything.records[0].alpha == rec.alpha  # same choice, different final fit
     assert not torch.equal(everything.weights["mlp.down_proj"], result.weights["mlp.down_proj"])
+
+
+def test_dense_calibration_inputs_fit_on_the_unthresholded_inputs():
+    W, xs = _layer()
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    cfg = DuoConfig(method="sparsegpt", calibration_inputs="dense")
+    result = group.calibrate_group({"mlp.down_proj": W}, xs, xs, cfg, gen(), 3, torch.device("cpu"), lambda _: None)
+    stats = solver.InputStats(W.shape[1])
+    for x in xs:
+        stats.add(x, x)
+    torch.testing.assert_close(result.weights["mlp.down_proj"], prune_weight(W, stats, cfg), rtol=0, atol=0)
+    served = group.calibrate_group({"mlp.down_proj": W}, xs, xs, DuoConfig(method="sparsegpt"), gen(), 3,
+                                   torch.device("cpu"), lambda _: None)
+    # the same threshold and the same activation sparsity are recorded; only the fit differs
+    assert result.threshold == served.threshold > 0
+    assert result.records[0].act_sparsity == served.records[0].act_sparsity
+    assert not torch.equal(result.weights["mlp.down_proj"], served.weights["mlp.down_proj"])
