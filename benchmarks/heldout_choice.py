@@ -42,6 +42,9 @@ VARIANTS = {  # name -> (checkpoint name, DuoConfig fields beyond the level and 
                                                            "residual_weights": "original"}),
     "duogpt, α 1, original (exact)": ("duogpt-a1-original", {"method": "duogpt", "holdout": 0.0, "alpha": 1.0,
                                                              "residual_weights": "original"}),
+    "duogpt, α 1, compressed target": ("duogpt-a1-compressed", {"method": "duogpt", "holdout": 0.0, "alpha": 1.0,
+                                                                "residual_weights": "original",
+                                                                "residual_target": "compressed"}),
     "sparsegpt": ("sparsegpt", {"method": "sparsegpt"}),
     "wanda": ("wanda", {"method": "wanda"}),
     # as the papers calibrate: weights fit on dense inputs, thresholds applied only when served

@@ -85,7 +85,8 @@ def calibrate_group(weights: dict[str, torch.Tensor], xs: list[torch.Tensor], xs
                     cfg: DuoConfig, gen: torch.Generator, layer: int, device: torch.device,
                     log_line: Callable[[str], None]) -> GroupResult:
     """Threshold, statistics and pruned weights for the linears `weights` (name -> weight, on `device`) of
-    decoder block `layer`, whose input is xs (compressed stream) / xs_original (original stream) per sample.
+    decoder block `layer`, whose input is xs (compressed stream) per sample; xs_original is what the residual term
+    aims at (the original stream's input, or xs again with --residual-target compressed).
     With cfg.holdout, each linear's settings are chosen on a held-out split first (choose_on_heldout), then the
     weights are fit on cfg.final_fit's tokens."""
     first = next(iter(weights))

@@ -219,8 +219,11 @@ def _calibrate_block(block: nn.Module, idx: int, inps: list[torch.Tensor], orig_
                 else:
                     xs = [_group_input(block, first, x, kwargs, device).to(storage) for x in inps]
                 linears = {name: block.get_submodule(name) for name in names}
-                result = calibrate_group({name: lin.weight.data for name, lin in linears.items()}, xs,
-                                         original_inputs.pop(group), cfg, gen, idx, device, log_line)
+                targets = original_inputs.pop(group)
+                if cfg.residual_target == "compressed":
+                    targets = xs
+                result = calibrate_group({name: lin.weight.data for name, lin in linears.items()}, xs, targets,
+                                         cfg, gen, idx, device, log_line)
                 del xs
             for name, linear in linears.items():
                 linear.weight.data = result.weights[name]

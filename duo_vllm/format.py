@@ -122,6 +122,11 @@ class DuoConfig(BaseModel):
         "compressed", json_schema_extra=_duogpt_only(),
         description="sparse input X̂ from the compressed model (default), or sparsify(X̃) of the original model")
 
+    residual_target: Literal["original", "compressed"] = Field(
+        "original", json_schema_extra=_duogpt_only(),
+        description="the output the residual term pulls each linear toward: the original model's (W X̃: it also "
+        "corrects the drift of the layers before), or the compressed model's before thresholding (only the "
+        "activation-sparsity error)")
     calibration_inputs: Literal["thresholded", "dense"] = Field(
         "thresholded", description="the inputs the weights are fit on: thresholded, as they are when served "
         "(default), or dense, the way the SparseGPT and Wanda papers calibrate, with the thresholds applied only "

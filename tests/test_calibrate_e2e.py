@@ -117,3 +117,33 @@ def test_paper_style_baseline_fits_on_the_dense_stream(tmp_path):
     t_dense, t_served = load_thresholds(dense), load_thresholds(served)
     assert all(t > 0 for t in t_dense.values())
     assert t_dense[(0, "self_attn.q_proj")] == t_served[(0, "self_attn.q_proj")]  # the same first input
+
+
+def test_compressed_residual_target_corrects_only_the_threshold_error(tmp_path):
+    """--residual-target compressed: the residual is X_c − X̂ (the entries the threshold zeroes), so at X0 DuoGPT is
+    SparseGPT bit for bit, and at X50 it differs from the original-target DuoGPT."""
+    from safetensors.torch import load_file
+
+    import tiny_models
+    from duo_vllm.calibrate.api import calibrate
+    from duo_vllm.format import DuoConfig
+
+    user = tiny_models.write_hf("qwen2", tmp_path / "user")
+    kw = dict(weight_sparsity=0.5, nsamples=2, seqlen=64)
+
+    def weights(name: str, **fields) -> dict[str, torch.Tensor]:
+        out = calibrate(user, tmp_path / name, DuoConfig(**kw, **fields), device="cpu")
+        return load_file(next(out.glob("*.safetensors")))
+
+    local = weights("local-x0", method="duogpt", alpha=1.0, act_sparsity=0.0, residual_target="compressed")
+    sparsegpt = weights("sparsegpt-x0", method="sparsegpt", act_sparsity=0.0)
+    assert all(torch.equal(w, sparsegpt[t]) for t, w in local.items())
+    local = weights("local-x50", method="duogpt", alpha=1.0, act_sparsity=0.5, residual_target="compressed")
+    original = weights("original-x50", method="duogpt", alpha=1.0, act_sparsity=0.5)
+    sparsegpt = weights("sparsegpt-x50", method="sparsegpt", act_sparsity=0.5)
+    # block 0's q/k/v see the model's first input, the same in both streams: the two targets agree there
+    first = [f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"]
+    projections = [t for t in local if t.endswith("proj.weight") and t not in first]
+    assert all(not torch.equal(local[t], original[t]) for t in projections)
+    assert all(torch.equal(local[t], original[t]) for t in first)
+    assert all(not torch.equal(local[t], sparsegpt[t]) for t in projections + first)
