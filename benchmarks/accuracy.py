@@ -30,7 +30,7 @@ from bench_io import cached_checkpoint, markdown_table, save_figure
 from duo_vllm.files import write_json_atomic, write_text_atomic
 from duo_vllm.calibrate import data, models
 from duo_vllm.evaluate import zeroshot
-from duo_vllm.evaluate.perplexity import load_for_eval, reference, score_windows
+from duo_vllm.evaluate.perplexity import load_for_eval, reference, score_datasets
 from duo_vllm.evaluate.stats import paired_bootstrap, perplexity_ratio
 from duo_vllm.format import DuoConfig
 
@@ -57,11 +57,10 @@ def zeroshot_in_subprocess(model: Path, args: argparse.Namespace, backend: str =
 
 def score(model: Path, windows: dict, refs: dict, args: argparse.Namespace) -> dict:
     net = load_for_eval(model)
-    held_out = {name: score_windows(net, w, refs[name], progress=False).summary() for name, w in windows.items()}
+    held_out = score_datasets(net, windows, refs)
     del net
     zs = zeroshot_in_subprocess(model, args)
-    return {**{field: {n: sc[field] for n, sc in held_out.items()} for field in held_out[PPL_DATASETS[0]]},
-            "zeroshot": zs["tasks"], "mean_acc": zs["mean_acc"]}
+    return {**held_out, "zeroshot": zs["tasks"], "mean_acc": zs["mean_acc"]}
 
 
 def signal_tasks(dense: dict) -> dict[str, bool]:

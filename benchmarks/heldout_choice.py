@@ -24,7 +24,7 @@ import torch
 from bench_io import cached_checkpoint
 
 from duo_vllm.calibrate import data, models
-from duo_vllm.evaluate.perplexity import load_for_eval, reference, score_windows
+from duo_vllm.evaluate.perplexity import load_for_eval, reference, score_datasets
 from duo_vllm.evaluate.stats import perplexity_ratio
 from duo_vllm.files import write_json_atomic, write_text_atomic
 from duo_vllm.format import DuoConfig
@@ -144,14 +144,13 @@ def main() -> int:
             ckpt = cached_checkpoint(work, model_dir, cfg, f"{slug}-{level}-s{seed}")
             t1 = time.time()
             net = load_for_eval(ckpt)
-            scores = {n: score_windows(net, w, refs[n], progress=False).summary() for n, w in windows.items()}
+            scores = score_datasets(net, windows, refs)
             del net
             calibrate_s = cells.get(key, {}).get("seconds", {}).get("calibrate", round(t1 - t0, 1))  # a rescore
-            cells[key] = {**{field: {n: sc[field] for n, sc in scores.items()} for field in scores[PPL_DATASETS[0]]},
-                          "checkpoint": str(ckpt),
+            cells[key] = {**scores, "checkpoint": str(ckpt),
                           "seconds": {"calibrate": calibrate_s, "score": round(time.time() - t1, 1)}}
-            print(f"{key}: " + ", ".join(f"{n} {sc['perplexity']:.2f} (KL {sc['kl']:.3f}, top-1 {sc['top1']:.3f})"
-                                         for n, sc in scores.items()), flush=True)
+            print(f"{key}: " + ", ".join(f"{n} {scores['perplexity'][n]:.2f} (KL {scores['kl'][n]:.3f}, "
+                                         f"top-1 {scores['top1'][n]:.3f})" for n in windows), flush=True)
             write_json_atomic(out, result)
     result["date"] = time.strftime("%Y-%m-%d")
     result["table"] = table(result)

@@ -7,7 +7,7 @@ Starts `duo-serve CKPT` on a loopback port, sends one short warm-up request per 
 then runs --clients asynchronous clients for --duration seconds. Each client loops over random
 requests (seeded per client): chat or plain completions, streamed or not, a prompt of 3 to 300 words
 of the bundled wiki text, max_tokens 1..64, temperature 0 or 0.8. About 10% of the streamed requests
-hang up after 1 to 4 chunks. When the time is up the clients finish the requests they are in; then
+hang up after 1 to 4 chunks. Each request opens its own connection. When the time is up the clients finish the requests they are in; then
 vLLM's /metrics must show no running or waiting request (the hung-up ones were aborted) within 15 s.
 A separate process polls GET /health every second throughout. The RSS of the server's process tree (the
 server and its descendants, e.g. vLLM's EngineCore; shared pages counted once per process) is read
@@ -262,9 +262,12 @@ async def sample_rss(pid: int, series: list[tuple[float, float]], t0: float, sto
 
 async def drive(server: ServerProcess, clients: int, duration: float, seed: int, request_timeout: float) -> dict:
     """Warm up, run the clients, poll health and sample RSS; the measurements as a dict."""
-    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
+    # A fresh connection per request, as for the health probe: a connection left idle in the pool while this
+    # loop stalls past uvicorn's keep-alive timeout (5 s; CI saw 9.2 s stalls) can be closed by the server just
+    # as the next request goes out on it, and that ReadError would be the driver's, not the server's.
+    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=server.base_url, timeout=request_timeout, limits=limits,
-                                 trust_env=False) as http:
+                                 headers={"Connection": "close"}, trust_env=False) as http:
         model = (await http.get("/v1/models")).json()["data"][0]["id"]
         words = load_text("local:wiki").split()
         warm, tally, stop = Tally(), Tally(), asyncio.Event()

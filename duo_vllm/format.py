@@ -97,6 +97,10 @@ class DuoConfig(BaseModel):
     seed: int = Field(0, description="seed of the calibration window sampling")
     blocksize: int = Field(128, gt=0, description="columns per lazy-update block")
     percdamp: float = Field(0.01, ge=0.0, description="Hessian damping, fraction of mean(diag H)")
+    calibration_inputs: Literal["thresholded", "dense"] = Field(
+        "thresholded", description="the inputs the weights are fit on: thresholded, as they are when served "
+        "(default), or dense, the way the SparseGPT and Wanda papers calibrate, with the thresholds applied only "
+        "when served (the paper-style baselines; the thresholds are still calibrated)")
     holdout: float = Field(0.0, ge=0.0, lt=1.0,
                            description="fraction of the calibration sequences held out: DuoGPT picks α and damping "
                            "per linear by their error on them (α = 0, SparseGPT, among the candidates), every "
@@ -121,16 +125,11 @@ class DuoConfig(BaseModel):
     input_stream: Literal["compressed", "original"] = Field(
         "compressed", json_schema_extra=_duogpt_only(),
         description="sparse input X̂ from the compressed model (default), or sparsify(X̃) of the original model")
-
     residual_target: Literal["original", "compressed"] = Field(
         "original", json_schema_extra=_duogpt_only(),
         description="the output the residual term pulls each linear toward: the original model's (W X̃: it also "
         "corrects the drift of the layers before), or the compressed model's before thresholding (only the "
         "activation-sparsity error)")
-    calibration_inputs: Literal["thresholded", "dense"] = Field(
-        "thresholded", description="the inputs the weights are fit on: thresholded, as they are when served "
-        "(default), or dense, the way the SparseGPT and Wanda papers calibrate, with the thresholds applied only "
-        "when served (the paper-style baselines; the thresholds are still calibrated)")
 
     @field_validator("method", "input_stream", mode="before")
     @classmethod

@@ -91,6 +91,13 @@ def score_windows(model: nn.Module, windows: torch.Tensor, ref: Reference | None
                         torch.cat(top1) if top1 else None)
 
 
+def score_datasets(model: nn.Module, windows: dict[str, torch.Tensor], refs: dict[str, Reference]) -> dict:
+    """`score_windows(...).summary()` on each dataset's windows against its reference, as {field: {dataset:
+    value}} (the layout the benchmarks' JSON cells keep)."""
+    scores = {name: score_windows(model, w, refs[name], progress=False).summary() for name, w in windows.items()}
+    return {field: {name: sc[field] for name, sc in scores.items()} for field in next(iter(scores.values()))}
+
+
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> float:
     """exp(mean next-token NLL) over the windows (each scored on its own, from its first token)."""
     return score_windows(model, windows, batch_size=batch_size, progress=progress).perplexity

