@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 import time
@@ -38,6 +39,7 @@ LEVELS = {"W0+X0": (0.0, 0.0), "W30+X30": (0.3, 0.3), "W40+X40": (0.4, 0.4), "W5
           "W60+X60": (0.6, 0.6)}
 METHODS = ("magnitude", "wanda", "sparsegpt", "duogpt")
 DENSE = "dense model"
+DENSE_SPEC = "dense"  # the dense model in --reference-check
 PPL_DATASETS = ("local:wiki", "local:c4")
 
 
@@ -56,11 +58,38 @@ def zeroshot_in_subprocess(model: Path, args: argparse.Namespace, backend: str =
 
 
 def score(model: Path, windows: dict, refs: dict, args: argparse.Namespace) -> dict:
+    """Held-out perplexity, KL and top-1, and zero-shot through vLLM (with each choice's log-likelihood, which
+    only the reference check reads and the stored cell drops)."""
     net = load_for_eval(model)
     held_out = score_datasets(net, windows, refs)
     del net
     zs = zeroshot_in_subprocess(model, args)
     return {**held_out, "zeroshot": zs["tasks"], "mean_acc": zs["mean_acc"]}
+
+
+def drop_logliks(cell: dict) -> dict:
+    for s in cell["zeroshot"].values():
+        s.pop("choice_loglik", None)
+    return cell
+
+
+def reference_check(vllm_tasks: dict, model: Path, args: argparse.Namespace) -> dict:
+    """The served path against the offline reference on the same documents: each choice's log-likelihood
+    (|difference| in nats, summed over the choice's tokens) and the documents whose decision differs. The dense
+    model agrees to rounding. A thresholded model is discontinuous: the two paths sum in different orders, an
+    activation within an ulp of its threshold falls on either side, and the step it makes perturbs every later
+    layer, so on some documents the log-likelihoods can differ by whole nats (the reference differs from itself
+    as much when only its batch size changes)."""
+    ref = zeroshot_in_subprocess(model, args, "reference")["tasks"]
+    tasks = {}
+    for t, v in vllm_tasks.items():
+        diffs = [abs(a - b) for dv, dr in zip(v["choice_loglik"], ref[t]["choice_loglik"], strict=True)
+                 for a, b in zip(dv, dr, strict=True)]
+        tasks[t] = {"vllm": v["acc"], "reference": ref[t]["acc"],
+                    "flips": sum(a != b for a, b in zip(v["documents"], ref[t]["documents"], strict=True)),
+                    "max_dloglik": max(diffs), "median_dloglik": statistics.median(diffs)}
+    return {"tasks": tasks, "mean_acc": {"vllm": statistics.mean(v["acc"] for v in vllm_tasks.values()),
+                                          "reference": statistics.mean(r["acc"] for r in ref.values())}}
 
 
 def signal_tasks(dense: dict) -> dict[str, bool]:
@@ -157,7 +186,22 @@ def tables(result: dict) -> str:
         markdown_table(rows_acc, levels, fmt="{:.1f}", best="max") if rows_acc else "–",
         "DuoGPT minus each baseline, paired on the same documents (95 % bootstrap interval)",
         "\n".join(paired_lines(result, levels, signal)),
-        "Per-task scores (%; the last column is the mean plain accuracy over all tasks)", "\n".join(per_task)])
+        "Per-task scores (%; the last column is the mean plain accuracy over all tasks)", "\n".join(per_task),
+        "The served path (vLLM) against the offline reference on the same documents", "\n".join(check_lines(result))])
+
+
+def check_lines(result: dict) -> list[str]:
+    lines = ["| model | mean acc, vLLM / reference | documents decided differently | choice log-likelihood "
+             "\\|difference\\| in nats: the tasks' median median / max |", "|---|---|---|---|"]
+    for spec, chk in result["reference_check"].items():
+        if "tasks" not in chk:
+            continue
+        n = sum(len(result["dense"]["zeroshot"][t]["documents"]) for t in chk["tasks"])
+        lines.append(f"| {spec} | {100 * chk['mean_acc']['vllm']:.2f} / {100 * chk['mean_acc']['reference']:.2f} | "
+                     f"{sum(c['flips'] for c in chk['tasks'].values())} of {n} | "
+                     f"{statistics.median(c['median_dloglik'] for c in chk['tasks'].values()):.2g} / "
+                     f"{max(c['max_dloglik'] for c in chk['tasks'].values()):.2g} |")
+    return lines
 
 
 def main() -> int:
@@ -170,8 +214,9 @@ def main() -> int:
     p.add_argument("--limit", type=int, default=None, help="zero-shot documents per task (default: all)")
     p.add_argument("--ppl-seqlen", type=int, default=512)
     p.add_argument("--ppl-tokens", type=int, default=32768, help="held-out tokens per perplexity dataset")
-    p.add_argument("--reference-check", nargs="*", default=["duogpt:W50+X50"], metavar="METHOD:LEVEL",
-                   help="cells also scored zero-shot through the offline reference, to show it agrees with vLLM")
+    p.add_argument("--reference-check", nargs="*", default=[DENSE_SPEC, "duogpt:W50+X50"], metavar="METHOD:LEVEL",
+                   help=f"cells ('{DENSE_SPEC}' for the dense model) also scored zero-shot through the offline "
+                        "reference, to compare the served path with it document by document")
     p.add_argument("--work", default="build/accuracy", help="checkpoints and task files")
     p.add_argument("--out", default="benchmarks/results/accuracy.json")
     args = p.parse_args()
@@ -198,7 +243,10 @@ def main() -> int:
     del dense
     if result["dense"] is None:
         print("scoring the dense model", flush=True)
-        result["dense"] = score(model_dir, windows, refs, args)
+        dense_cell = score(model_dir, windows, refs, args)
+        if DENSE_SPEC in args.reference_check:
+            result["reference_check"][DENSE_SPEC] = reference_check(dense_cell["zeroshot"], model_dir, args)
+        result["dense"] = drop_logliks(dense_cell)
         write_json_atomic(out, result)
     for level in args.levels:
         p_w, p_x = LEVELS[level]
@@ -215,20 +263,22 @@ def main() -> int:
             cell = score(ckpt, windows, refs, args)
             cell["checkpoint"] = str(ckpt)
             cell["seconds"] = {"calibrate": round(t1 - t0, 1), "score": round(time.time() - t1, 1)}
-            result["cells"].setdefault(method, {})[level] = cell
+            if f"{method}:{level}" in args.reference_check:
+                result["reference_check"][f"{method}:{level}"] = reference_check(cell["zeroshot"], ckpt, args)
+            result["cells"].setdefault(method, {})[level] = drop_logliks(cell)
             print(f"{method} {level}: ppl wiki {cell['perplexity']['local:wiki']:.2f} c4 "
                   f"{cell['perplexity']['local:c4']:.2f}, mean acc {100 * cell['mean_acc']:.2f}", flush=True)
             write_json_atomic(out, result)
-    for spec in args.reference_check:
-        method, level = spec.split(":")
-        cell = result["cells"].get(method, {}).get(level)
-        if cell is None or spec in result["reference_check"]:
+    for spec in args.reference_check:  # cells scored before the check was asked for: score the served path again
+        if spec == DENSE_SPEC:
+            cell, ckpt = result["dense"], model_dir
+        else:
+            method, level = spec.split(":")
+            cell = result["cells"].get(method, {}).get(level)
+            ckpt = Path(cell["checkpoint"]) if cell else None
+        if cell is None or "tasks" in result["reference_check"].get(spec, {}):
             continue
-        ref = zeroshot_in_subprocess(Path(cell["checkpoint"]), args, "reference")
-        result["reference_check"][spec] = {
-            "vllm": {t: s["acc"] for t, s in cell["zeroshot"].items()},
-            "reference": {t: s["acc"] for t, s in ref["tasks"].items()},
-            "mean_acc": {"vllm": cell["mean_acc"], "reference": ref["mean_acc"]}}
+        result["reference_check"][spec] = reference_check(zeroshot_in_subprocess(ckpt, args)["tasks"], ckpt, args)
         write_json_atomic(out, result)
 
     result["table"] = tables(result)
@@ -238,8 +288,11 @@ def main() -> int:
     plot(result, out.with_suffix(".png"))
     print(result["table"])
     for spec, chk in result["reference_check"].items():
-        print(f"reference check {spec}: mean acc vLLM {100 * chk['mean_acc']['vllm']:.2f} vs offline reference "
-              f"{100 * chk['mean_acc']['reference']:.2f}")
+        if "tasks" in chk:
+            print(f"reference check {spec}: mean acc vLLM {100 * chk['mean_acc']['vllm']:.2f} vs offline reference "
+                  f"{100 * chk['mean_acc']['reference']:.2f}; documents decided differently "
+                  f"{sum(c['flips'] for c in chk['tasks'].values())}; choice log-likelihoods differ by at most "
+                  f"{max(c['max_dloglik'] for c in chk['tasks'].values()):.4f} nats")
     print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
     return 0
 

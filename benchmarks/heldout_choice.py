@@ -7,8 +7,9 @@ Wanda: held-out perplexity, KL to the dense model and top-1 agreement on SmolLM2
 Every variant of a (level, seed) cell calibrates on the same tokens (the seed draws the c4 windows). Scored on
 held-out local:wiki and on local:c4 windows that overlap no calibration window of that seed (offline reference,
 thresholds applied), against the dense model's distributions on the same windows; perplexity ratios to each
-baseline are paired over the windows (bootstrap interval). Prints tables (mean over seeds, ± half the range),
-writes JSON; checkpoints are cached in --work, a rerun scores only what is missing.
+baseline are paired over the windows (bootstrap interval). Prints tables (mean over seeds, ± half the range) of
+every cell stored with the same settings, writes JSON; checkpoints are cached in --work, a rerun scores only what
+is missing.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from duo_vllm.evaluate.perplexity import load_for_eval, reference, score_dataset
 from duo_vllm.evaluate.stats import perplexity_ratio
 from duo_vllm.files import write_json_atomic, write_text_atomic
 from duo_vllm.format import DuoConfig
+from duo_vllm.kernels.cpu_kernel import cpu_name
 
 LEVELS = {"W30+X30": 0.3, "W40+X40": 0.4, "W50+X50": 0.5, "W60+X60": 0.6}
 VARIANTS = {  # name -> (checkpoint name, DuoConfig fields beyond the level and calibration data)
@@ -56,50 +58,65 @@ PPL_DATASETS = ("local:wiki", "local:c4")
 BASELINES = ("sparsegpt", "wanda")  # what the DuoGPT variants are compared with, pair by pair
 
 
+def stored(cells: dict) -> tuple[list[str], list[str], list[int]]:
+    """The levels, variants and seeds that have cells, in LEVELS and VARIANTS order: the tables show everything
+    scored with these settings, whichever invocation scored it."""
+    keys = [k.split("|") for k in cells]
+    return ([lv for lv in LEVELS if any(k[1] == lv for k in keys)], [v for v in VARIANTS if any(k[0] == v for k in keys)],
+            sorted({int(k[2]) for k in keys}))
+
+
 def _cells(result: dict, variant: str, level: str) -> list[dict]:
-    return [result["cells"][k] for s in result["seeds"] if (k := f"{variant}|{level}|{s}") in result["cells"]]
+    return [result["cells"][k] for s in stored(result["cells"])[2] if (k := f"{variant}|{level}|{s}") in result["cells"]]
 
 
 def _spread(vals: list[float], fmt: str) -> str:
-    return f"{fmt.format(statistics.mean(vals))} ± {fmt.format((max(vals) - min(vals)) / 2)}" if vals else "–"
+    """Mean ± half the range over seeds (one seed: its value)."""
+    if len(vals) == 1:
+        return fmt.format(vals[0])
+    return f"{fmt.format(statistics.mean(vals))} ± {fmt.format((max(vals) - min(vals)) / 2)}"
 
 
 def table(result: dict) -> str:
-    levels, head = result["levels"], "| variant | " + " | ".join(result["levels"]) + " |"
-    rule = "|" + "---|" * (len(levels) + 1)
+    levels, variants, seeds = stored(result["cells"])
+    head, rule = "| variant | " + " | ".join(levels) + " |", "|" + "---|" * (len(levels) + 1)
     lines = []
     for dataset in PPL_DATASETS:
-        lines += [f"Perplexity, held-out {dataset} (mean over seeds {result['seeds']}, ± half the range)", "", head, rule]
-        lines += [f"| {v} | " + " | ".join(_spread([c["perplexity"][dataset] for c in _cells(result, v, lv)], "{:.2f}")
-                                          for lv in levels) + " |" for v in result["variants"]]
+        lines += [f"Perplexity, held-out {dataset}: mean over seeds ± half the range [seeds in the cell]", "", head,
+                  rule]
+        for v in variants:
+            got = [_cells(result, v, lv) for lv in levels]
+            lines.append(f"| {v} | " + " | ".join(f"{_spread([c['perplexity'][dataset] for c in g], '{:.2f}')} "
+                                                  f"[{len(g)}]" if g else "–" for g in got) + " |")
         lines += ["", f"KL(dense ‖ model) in nats per token / top-1 agreement with the dense model, held-out {dataset}",
                   "", head, rule]
-        for v in result["variants"]:
+        for v in variants:
             cells = []
             for lv in levels:
                 got = [c for c in _cells(result, v, lv) if "kl" in c]
                 cells.append(f"{_spread([c['kl'][dataset] for c in got], '{:.3f}')} / "
-                             f"{_spread([100 * c['top1'][dataset] for c in got], '{:.1f}')} %" if got else "–")
+                             f"{_spread([100 * c['top1'][dataset] for c in got], '{:.1f}')} % [{len(got)}]"
+                             if got else "–")
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
         for base in BASELINES:
-            if base not in result["variants"]:
+            if base not in variants:
                 continue
-            lines += ["", f"Perplexity over {base}'s, held-out {dataset}: paired over the same windows (all seeds), "
-                      "95 % bootstrap interval", "", head, rule]
-            for v in result["variants"]:
+            lines += ["", f"Perplexity over {base}'s, held-out {dataset}: paired over the same windows (all seeds "
+                      "both have), 95 % bootstrap interval [seeds]", "", head, rule]
+            for v in variants:
                 if v in BASELINES:
                     continue
                 cells = []
                 for lv in levels:
                     pairs = [(result["cells"][f"{v}|{lv}|{s}"], result["cells"][f"{base}|{lv}|{s}"])
-                             for s in result["seeds"] if all(f"{m}|{lv}|{s}" in result["cells"] for m in (v, base))]
+                             for s in seeds if all(f"{m}|{lv}|{s}" in result["cells"] for m in (v, base))]
                     pairs = [(a, b) for a, b in pairs if "window_nll" in a and "window_nll" in b]
                     if not pairs:
                         cells.append("–")
                         continue
                     r = perplexity_ratio([x for a, _ in pairs for x in a["window_nll"][dataset]],
                                          [x for _, b in pairs for x in b["window_nll"][dataset]])
-                    cells.append(f"{r['ratio']:.3f} ({r['low']:.3f}–{r['high']:.3f})")
+                    cells.append(f"{r['ratio']:.3f} ({r['low']:.3f}–{r['high']:.3f}) [{len(pairs)}]")
                 lines.append(f"| {v} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -122,8 +139,7 @@ def main() -> int:
     settings = {"nsamples": args.nsamples, "seqlen": args.seqlen, "ppl_seqlen": args.ppl_seqlen,
                 "ppl_tokens": args.ppl_tokens}
     cells = old.get("cells", {}) if old.get("settings") == settings else {}
-    result = {"settings": settings, "levels": args.levels, "variants": args.variants, "seeds": args.seeds,
-              "cells": cells, "command": " ".join(["python", *sys.argv])}
+    result = {"settings": settings, "cells": cells, "command": " ".join(["python", *sys.argv])}
     model_dir = models.prepare_test_model()
     tok = models.load_tokenizer(model_dir)
     for seed in args.seeds:
@@ -147,7 +163,7 @@ def main() -> int:
             scores = score_datasets(net, windows, refs)
             del net
             calibrate_s = cells.get(key, {}).get("seconds", {}).get("calibrate", round(t1 - t0, 1))  # a rescore
-            cells[key] = {**scores, "checkpoint": str(ckpt),
+            cells[key] = {**scores, "checkpoint": str(ckpt), "host": f"{cpu_name()}, {torch.get_num_threads()} threads",
                           "seconds": {"calibrate": calibrate_s, "score": round(time.time() - t1, 1)}}
             print(f"{key}: " + ", ".join(f"{n} {scores['perplexity'][n]:.2f} (KL {scores['kl'][n]:.3f}, "
                                          f"top-1 {scores['top1'][n]:.3f})" for n in windows), flush=True)

@@ -205,9 +205,10 @@ def evaluate_zeroshot(
     served_name: str | None = None,
     batch_size: int | str = 16,
 ) -> dict:
-    """lm-eval zero-shot scores of a dense model or duo checkpoint: {task: {acc, acc_norm?, n, metric, documents}}
-    plus the mean acc. `metric` is the task's PRIMARY_METRIC and `documents` its value on each document in
-    document order (0 or 1): models scored on the same tasks are compared pair by pair on them."""
+    """lm-eval zero-shot scores of a dense model or duo checkpoint: {task: {acc, acc_norm?, n, metric, documents,
+    choice_loglik}} plus the mean acc. `metric` is the task's PRIMARY_METRIC and `documents` its value on each
+    document in document order (0 or 1): models scored on the same tasks are compared pair by pair on them.
+    `choice_loglik` holds each document's log-likelihood of each choice, to compare two code paths of one model."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -227,6 +228,7 @@ def evaluate_zeroshot(
         scores[task]["n"] = int(result["n-samples"][TASK_PREFIX + task]["effective"])
         metric = PRIMARY_METRIC.get(task, "acc")
         samples = sorted(result["samples"][TASK_PREFIX + task], key=lambda s: s["doc_id"])
-        scores[task] |= {"metric": metric, "documents": [float(s[metric]) for s in samples]}
+        scores[task] |= {"metric": metric, "documents": [float(s[metric]) for s in samples],
+                         "choice_loglik": [[float(r[0]) for r in s["filtered_resps"]] for s in samples]}
     return {"model": str(model), "backend": backend, "limit": limit, "tasks": scores,
             "mean_acc": sum(s["acc"] for s in scores.values()) / len(scores)}

@@ -114,13 +114,20 @@ def test_accuracy_sweep_quick_run(tmp_path):
     # against the dense model's own distributions: the dense model agrees with itself, the pruned one less
     assert result["dense"]["top1"]["local:wiki"] == 1.0 and abs(result["dense"]["kl"]["local:wiki"]) < 1e-3
     assert cell["kl"]["local:wiki"] > 0.05 and cell["top1"]["local:wiki"] < 0.95
-    check = result["reference_check"]["duogpt:W50+X50"]
-    # 16 documents (each flip moves a task's accuracy by 0.5): the served path and the offline reference may
-    # differ on at most two near-ties. Their summation orders differ, and at W50+X50 a last-bit difference
-    # can flip a thresholded activation; which documents are near-ties depends on the checkpoint's bits, which
-    # depend on the host's BLAS and thread count (2026-12-02: a 2-thread calibration gave 2 flips, ARC-Easy
-    # and ARC-Challenge, with this code and with the code before it; a 1-thread one gave none).
-    assert sum(abs(check["vllm"][t] - check["reference"][t]) for t in zeroshot.TASKS) <= 1.0
+    dense_check, duo_check = result["reference_check"]["dense"], result["reference_check"]["duogpt:W50+X50"]
+    for check, scored in ((dense_check, result["dense"]), (duo_check, cell)):
+        assert set(check["tasks"]) == set(zeroshot.TASKS)
+        assert all(check["tasks"][t]["vllm"] == scored["zeroshot"][t]["acc"] for t in zeroshot.TASKS)
+        assert all(0 <= c["flips"] <= 2 and 0 <= c["median_dloglik"] <= c["max_dloglik"] < 1e3
+                   for c in check["tasks"].values())
+        assert all("choice_loglik" not in s for s in scored["zeroshot"].values())  # the stored cells drop them
+    # the dense model: the served path and the reference agree to rounding on every choice of every document
+    assert all(c["flips"] == 0 and c["max_dloglik"] < 1e-3 for c in dense_check["tasks"].values())
+    # At W50+X50 no document-level bound holds: the thresholded model is discontinuous, and this checkpoint
+    # (256 calibration tokens) amplifies a last-bit difference into whole nats on some documents. Measured
+    # 2026-12-04 (AMD EPYC, 2 threads): vLLM against the reference up to 6.5 nats, 4 of 20 decisions differing;
+    # the reference against itself at batch size 1 instead of 16, up to 4.2 nats.
     md = out.with_suffix(".md").read_text()
     assert "| duogpt |" in md and "| dense model |" in md and "W50+X50" in md and "tasks with signal" in md
+    assert "| dense | " in md and "| duogpt:W50+X50 | " in md  # the reference check table
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
