@@ -19,7 +19,7 @@ method must read (weights in its format for the batch's live channels; x and y e
 effective GB/s, the speedup over dense, and this machine's copy bandwidth measured in the same run.
 --write-table writes the crossover the CPU kernel uses (largest measured M up to which cpu is 10 %
 faster than gemm at W50+X50, every smaller M too) to duo_vllm/kernels/cpu_crossover.json, keyed by CPU
-name and thread count. "served" is what the op runs: cpu up to the crossover, gemm above it.
+name, instruction set and thread count. "served" is what the op runs: cpu up to the crossover, gemm above it.
 """
 from __future__ import annotations
 
@@ -305,7 +305,7 @@ def main() -> int:
     print("\n".join(md[:4 + 6 * len(args.threads)]))
     if args.write_table:
         table = json.loads(cpu_kernel.TABLE_PATH.read_text()) if cpu_kernel.TABLE_PATH.is_file() else {"cpus": {}}
-        table["cpus"].setdefault(result["cpu"], {}).update(
+        table["cpus"].setdefault(result["cpu"], {}).setdefault(result["isa"], {}).update(
             {str(t): {**result["crossover"][str(t)], "measured": f"{result['date']}: {result['command']}"}
              for t in args.threads})
         write_text_atomic(cpu_kernel.TABLE_PATH, json.dumps(table, indent=2) + "\n")

@@ -122,7 +122,8 @@ class CpuSparseKernel(DuoLinearKernel):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         weight = layer.weight.data
         self.packed = cpu_kernel.pack(weight)
-        self.max_sparse_m, source = cpu_kernel.max_sparse_m(*weight.shape, self.packed.weight_density)
+        self.max_sparse_m, source = cpu_kernel.max_sparse_m(*weight.shape, self.packed.weight_density,
+                                                                  self.packed.isa)
         self.dense_gemm = vllm_ops.create_onednn_mm(weight.t(), 32)
         logger.debug("duo: %s [%d x %d]: cpu kernel (%s) up to M = %d (%s)", layer.prefix, *weight.shape,
                      self.packed.isa, self.max_sparse_m, source)

@@ -205,21 +205,27 @@ def test_bad_layouts_are_refused_with_a_message():
         cpu_kernel.pack(torch.eye(8, dtype=torch.bfloat16))
 
 
-def test_crossover_comes_from_the_table_for_this_cpu_and_the_nearest_density(tmp_path, monkeypatch):
+def test_crossover_comes_from_the_table_for_this_cpu_isa_and_the_nearest_density(tmp_path, monkeypatch):
     name = cpu_kernel.cpu_name()
-    table = {"cpus": {name: {"2": {"weight_density": {"0.5": {"default": 4, "shapes": {"960x576": 8}},
-                                                      "1.0": {"default": 2, "shapes": {"960x576": 1}}}}}}}
-    assert cpu_kernel.max_sparse_m(960, 576, 0.5, threads=2, table=table)[0] == 8
-    assert cpu_kernel.max_sparse_m(960, 576, 0.6, threads=2, table=table)[0] == 8
-    assert cpu_kernel.max_sparse_m(960, 576, 0.9, threads=2, table=table)[0] == 1
-    m, why = cpu_kernel.max_sparse_m(100, 576, 1.0, threads=2, table=table)
-    assert m == 2 and "default" in why and "weight density 1.0" in why
-    m, why = cpu_kernel.max_sparse_m(960, 576, 0.5, threads=1, table=table)
-    assert m == cpu_kernel.UNMEASURED_MAX_SPARSE_M and "no crossover measured" in why
+    table = {"cpus": {name: {"avx512": {"2": {"weight_density": {"0.5": {"default": 4, "shapes": {"960x576": 8}},
+                                                                 "1.0": {"default": 2, "shapes": {"960x576": 1}}}}},
+                             "avx2": {"2": {"weight_density": {"0.5": {"default": 2, "shapes": {"960x576": 3}}}}}}}}
+    assert cpu_kernel.max_sparse_m(960, 576, 0.5, "avx512", threads=2, table=table)[0] == 8
+    assert cpu_kernel.max_sparse_m(960, 576, 0.6, "avx512", threads=2, table=table)[0] == 8
+    assert cpu_kernel.max_sparse_m(960, 576, 0.9, "avx512", threads=2, table=table)[0] == 1
+    m, why = cpu_kernel.max_sparse_m(100, 576, 1.0, "avx512", threads=2, table=table)
+    assert m == 2 and "default" in why and "weight density 1.0" in why and "isa avx512" in why
+    # one CPU name, another instruction set: its own entry, never the other path's
+    m, why = cpu_kernel.max_sparse_m(960, 576, 0.5, "avx2", threads=2, table=table)
+    assert m == 3 and "isa avx2" in why
+    for isa_name, threads in (("avx512", 1), ("portable", 2)):
+        m, why = cpu_kernel.max_sparse_m(960, 576, 0.5, isa_name, threads=threads, table=table)
+        assert m == cpu_kernel.UNMEASURED_MAX_SPARSE_M and "no crossover measured" in why and isa_name in why
     assert cpu_kernel.pack(torch.tensor([[1.0, 0.0], [0.0, 0.0]])).weight_density == 0.25
     committed = json.loads(cpu_kernel.TABLE_PATH.read_text())
-    for cpu, by_threads in committed["cpus"].items():
-        for threads, entry in by_threads.items():
+    for cpu, by_isa in committed["cpus"].items():
+        assert set(by_isa) <= set(cpu_kernel.ISAS), cpu
+        for threads, entry in ((t, e) for by_threads in by_isa.values() for t, e in by_threads.items()):
             assert int(threads) >= 1 and entry["weight_density"], (cpu, threads)
             for density, at in entry["weight_density"].items():
                 assert 0 < float(density) <= 1 and at["default"] >= 1, (cpu, threads, density)

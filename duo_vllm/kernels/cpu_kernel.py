@@ -9,7 +9,8 @@ torch.compile would freeze: up to ``max_sparse_m`` tokens it runs the sparse ker
 of live input channels, only the nonzeros, threads over 32-output tiles, fp32 accumulation in
 channel order); above it, the thresholded x goes through vLLM's own oneDNN GEMM (the one vLLM's
 dense model uses) when a handle is given. The crossover comes from ``cpu_crossover.json``, measured by
-``benchmarks/cpu_kernel_bench.py --write-table`` and keyed by the CPU's model name.
+``benchmarks/cpu_kernel_bench.py --write-table`` and keyed by the CPU's model name and the instruction
+set the kernel runs with.
 
 Instruction set: AVX-512 (one masked expand per 16 outputs) or AVX2 + FMA (a permute table per 8) when
 the CPU has them (torch's own CPU capability check; the C++ side checks again), else a portable scalar
@@ -112,24 +113,25 @@ def _table(path: Path = TABLE_PATH) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def max_sparse_m(n: int, k: int, weight_density: float, threads: int | None = None,
+def max_sparse_m(n: int, k: int, weight_density: float, isa_name: str, threads: int | None = None,
                  table: dict | None = None) -> tuple[int, str]:
     """(largest M the sparse kernel serves for an [N, K] weight with this fraction of nonzeros, where that
     number comes from).
 
-    The table holds, per CPU name and thread count, crossovers measured at some weight densities; the
-    nearest one serves. Each has the crossover per "NxK" shape and a "default" for shapes it did not
-    measure. Denser weights leave the kernel less to skip, so its crossover is lower.
+    The table holds, per CPU name, instruction set and thread count, crossovers measured at some weight
+    densities; the nearest one serves. Each has the crossover per "NxK" shape and a "default" for shapes it did
+    not measure. Denser weights leave the kernel less to skip, so its crossover is lower. The instruction set is
+    part of the key: CPUs of one model name differ in it (2-core "AMD EPYC" VMs with and without AVX-512), and
+    the AVX2 path's crossover is half the AVX-512 path's.
     """
     table = _table() if table is None else table
     threads = torch.get_num_threads() if threads is None else threads
-    by_threads = table.get("cpus", {}).get(cpu_name(), {})
-    entry = by_threads.get(str(threads))
+    entry = table.get("cpus", {}).get(cpu_name(), {}).get(isa_name, {}).get(str(threads))
     if entry is None:
-        return UNMEASURED_MAX_SPARSE_M, f"no crossover measured for {cpu_name()!r} at {threads} threads"
+        return UNMEASURED_MAX_SPARSE_M, f"no crossover measured for {cpu_name()!r}, isa {isa_name}, {threads} threads"
     density = min(entry["weight_density"], key=lambda d: abs(float(d) - weight_density))
     at = entry["weight_density"][density]
-    where = f"on {cpu_name()!r}, {threads} threads, weight density {density}"
+    where = f"on {cpu_name()!r}, isa {isa_name}, {threads} threads, weight density {density}"
     if f"{n}x{k}" in at["shapes"]:
         return int(at["shapes"][f"{n}x{k}"]), f"measured for {n}x{k} {where}"
     return int(at["default"]), f"measured default {where}"
