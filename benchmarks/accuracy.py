@@ -67,10 +67,10 @@ def score(model: Path, windows: dict, refs: dict, args: argparse.Namespace) -> d
     return {**held_out, "zeroshot": zs["tasks"], "mean_acc": zs["mean_acc"]}
 
 
-def drop_logliks(cell: dict) -> dict:
-    for s in cell["zeroshot"].values():
-        s.pop("choice_loglik", None)
-    return cell
+def without_logliks(cell: dict) -> dict:
+    """The cell as stored: each task's scores without the per-choice log-likelihoods (the reference check's only)."""
+    return {**cell, "zeroshot": {task: {k: v for k, v in scores.items() if k != "choice_loglik"}
+                                 for task, scores in cell["zeroshot"].items()}}
 
 
 def reference_check(vllm_tasks: dict, model: Path, args: argparse.Namespace) -> dict:
@@ -246,7 +246,7 @@ def main() -> int:
         dense_cell = score(model_dir, windows, refs, args)
         if DENSE_SPEC in args.reference_check:
             result["reference_check"][DENSE_SPEC] = reference_check(dense_cell["zeroshot"], model_dir, args)
-        result["dense"] = drop_logliks(dense_cell)
+        result["dense"] = without_logliks(dense_cell)
         write_json_atomic(out, result)
     for level in args.levels:
         p_w, p_x = LEVELS[level]
@@ -265,7 +265,7 @@ def main() -> int:
             cell["seconds"] = {"calibrate": round(t1 - t0, 1), "score": round(time.time() - t1, 1)}
             if f"{method}:{level}" in args.reference_check:
                 result["reference_check"][f"{method}:{level}"] = reference_check(cell["zeroshot"], ckpt, args)
-            result["cells"].setdefault(method, {})[level] = drop_logliks(cell)
+            result["cells"].setdefault(method, {})[level] = without_logliks(cell)
             print(f"{method} {level}: ppl wiki {cell['perplexity']['local:wiki']:.2f} c4 "
                   f"{cell['perplexity']['local:c4']:.2f}, mean acc {100 * cell['mean_acc']:.2f}", flush=True)
             write_json_atomic(out, result)

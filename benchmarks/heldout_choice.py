@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -66,8 +67,8 @@ def stored(cells: dict) -> tuple[list[str], list[str], list[int]]:
             sorted({int(k[2]) for k in keys}))
 
 
-def _cells(result: dict, variant: str, level: str) -> list[dict]:
-    return [result["cells"][k] for s in stored(result["cells"])[2] if (k := f"{variant}|{level}|{s}") in result["cells"]]
+def _cells(cells: dict, seeds: list[int], variant: str, level: str) -> list[dict]:
+    return [cells[k] for s in seeds if (k := f"{variant}|{level}|{s}") in cells]
 
 
 def _spread(vals: list[float], fmt: str) -> str:
@@ -85,7 +86,7 @@ def table(result: dict) -> str:
         lines += [f"Perplexity, held-out {dataset}: mean over seeds ± half the range [seeds in the cell]", "", head,
                   rule]
         for v in variants:
-            got = [_cells(result, v, lv) for lv in levels]
+            got = [_cells(result["cells"], seeds, v, lv) for lv in levels]
             lines.append(f"| {v} | " + " | ".join(f"{_spread([c['perplexity'][dataset] for c in g], '{:.2f}')} "
                                                   f"[{len(g)}]" if g else "–" for g in got) + " |")
         lines += ["", f"KL(dense ‖ model) in nats per token / top-1 agreement with the dense model, held-out {dataset}",
@@ -93,7 +94,7 @@ def table(result: dict) -> str:
         for v in variants:
             cells = []
             for lv in levels:
-                got = [c for c in _cells(result, v, lv) if "kl" in c]
+                got = [c for c in _cells(result["cells"], seeds, v, lv) if "kl" in c]
                 cells.append(f"{_spread([c['kl'][dataset] for c in got], '{:.3f}')} / "
                              f"{_spread([100 * c['top1'][dataset] for c in got], '{:.1f}')} % [{len(got)}]"
                              if got else "–")
@@ -139,7 +140,7 @@ def main() -> int:
     settings = {"nsamples": args.nsamples, "seqlen": args.seqlen, "ppl_seqlen": args.ppl_seqlen,
                 "ppl_tokens": args.ppl_tokens}
     cells = old.get("cells", {}) if old.get("settings") == settings else {}
-    result = {"settings": settings, "cells": cells, "command": " ".join(["python", *sys.argv])}
+    result = {"settings": settings, "cells": cells, "command": shlex.join(["python", *sys.argv])}
     model_dir = models.prepare_test_model()
     tok = models.load_tokenizer(model_dir)
     for seed in args.seeds:

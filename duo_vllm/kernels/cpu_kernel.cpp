@@ -113,11 +113,7 @@ const ExpandTable kExpand;
 // How far ahead the next live segments are prefetched, one cache line per mask word (about what a word
 // consumes at 50 % density): after a dead channel's hole the hardware prefetcher has nothing to follow, and
 // a DRAM access must be asked for about this many bytes (~1 us at 10 GB/s) before it is needed. Into L2 (T1), not
-// L1: at one thread the L1's few miss buffers cannot hold enough lines in flight. On the 2-core AMD EPYC VM with
-// AVX-512 (2026-12-07, SmolLM2 W50+X50, M = 1, 1 thread, T0 and T1 builds taking turns) T1 measured 3.07-3.32x
-// dense against T0's 2.67-2.70x in one hour, and the same as T0 (2.22x vs 2.24-2.25x) an hour later, when
-// this VM's scattered reads were slower. Prefetching each ahead segment whole instead of one line per mask
-// word measured no different either time.
+// L1: at one thread the L1's few miss buffers cannot hold enough lines in flight (measured: README, CPU kernel).
 constexpr int64_t kPrefetchBytes = 8192;
 
 // Live channels taken together in one pass over their segments' words: each 8-output accumulator is loaded
