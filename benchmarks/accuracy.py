@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_io import cached_checkpoint, markdown_table, save_figure
+from bench_io import cached_checkpoint, command_line, markdown_table, save_figure
 
 from duo_vllm.files import write_json_atomic, write_text_atomic
 from duo_vllm.calibrate import data, models
@@ -230,7 +230,7 @@ def main() -> int:
     result = {**settings, "model": "SmolLM2-135M-Instruct", "zeroshot_backend": "vllm (in-process, quantization=duo)",
               "levels": args.levels, "dense": old.get("dense") if same else None,
               "cells": old.get("cells", {}) if same else {}, "reference_check": old.get("reference_check", {}) if same else {},
-              "command": " ".join(["python"] + sys.argv)}
+              "command": command_line()}
 
     model_dir = models.prepare_test_model()
     tok = models.load_tokenizer(model_dir)

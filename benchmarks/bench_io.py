@@ -1,7 +1,9 @@
-"""Shared by the benchmark scripts: cached calibrations, markdown tables."""
+"""Shared by the benchmark scripts: cached calibrations, markdown tables, the command a result records."""
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 from pathlib import Path
 
 from duo_vllm.calibrate.api import calibrate
@@ -56,3 +58,8 @@ def save_figure(fig, path: Path, title: str) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
+
+
+def command_line() -> str:
+    """This run's command, shell-quoted so that it can be pasted (some arguments hold spaces)."""
+    return shlex.join(["python", *sys.argv])

@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from bench_io import command_line
+
 from duo_vllm.calibrate.api import default_device
 from duo_vllm.calibrate.data import calibration_windows
 from duo_vllm.calibrate.models import default_test_model_dir, llama2_7b_shaped, load_model, load_tokenizer, prepare_test_model
@@ -113,7 +115,7 @@ def main() -> int:
     write_json_atomic(args.out, {
         "model": args.model, "method": args.method, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_kernel.cpu_name(),
-        "rows": rows, "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv),
+        "rows": rows, "date": time.strftime("%Y-%m-%d"), "command": command_line(),
     })
     return 0
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from bench_io import cached_checkpoint
+from bench_io import cached_checkpoint, command_line
 
 from duo_vllm.calibrate import models
 from duo_vllm.calibrate.data import load_text, tokenize
@@ -271,7 +271,7 @@ def main() -> int:
                                                   nsamples=16, seqlen=512))
         groups.update({("smollm2", g): ls for g, ls in smollm2_layers(ckpt, dense_dir, args.tokens).items()})
     result = {"cpu": cpu_kernel.cpu_name(), "isa": cpu_kernel.isa(), "date": time.strftime("%Y-%m-%d"),
-              "command": " ".join(["python"] + sys.argv), "copy_gbps": {}, "rows": []}
+              "command": command_line(), "copy_gbps": {}, "rows": []}
     for threads in args.threads:
         torch.set_num_threads(threads)
         result["copy_gbps"][str(threads)] = copy_bandwidth()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bench_io import cached_checkpoint
+from bench_io import cached_checkpoint, command_line
 
 from duo_vllm.calibrate import data, models
 from duo_vllm.evaluate.perplexity import load_for_eval, reference, score_datasets
@@ -140,7 +139,7 @@ def main() -> int:
     settings = {"nsamples": args.nsamples, "seqlen": args.seqlen, "ppl_seqlen": args.ppl_seqlen,
                 "ppl_tokens": args.ppl_tokens}
     cells = old.get("cells", {}) if old.get("settings") == settings else {}
-    result = {"settings": settings, "cells": cells, "command": shlex.join(["python", *sys.argv])}
+    result = {"settings": settings, "cells": cells, "command": command_line()}
     model_dir = models.prepare_test_model()
     tok = models.load_tokenizer(model_dir)
     for seed in args.seeds:

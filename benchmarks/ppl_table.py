@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_io import cached_checkpoint, markdown_table
+from bench_io import cached_checkpoint, command_line, markdown_table
 
 from duo_vllm.files import write_json_atomic
 from duo_vllm.calibrate import data, models
@@ -60,7 +60,7 @@ def main() -> int:
     result = {"model": "SmolLM2-135M-Instruct", "calibration": {"dataset": "local:c4", "nsamples": args.nsamples,
               "seqlen": args.seqlen}, "evaluation": {"dataset": args.eval_dataset, "seqlen": args.eval_seqlen,
               "tokens": int(windows.numel())}, "dense_perplexity": dense_ppl, "perplexity": cells,
-              "table": table, "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv)}
+              "table": table, "date": time.strftime("%Y-%m-%d"), "command": command_line()}
     write_json_atomic(args.out, result)
     return 0
 

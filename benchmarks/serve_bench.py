@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_io import duo_checkpoint_arg, save_figure
+from bench_io import command_line, duo_checkpoint_arg, save_figure
 
 from duo_vllm.files import write_json_atomic, write_text_atomic
 from duo_vllm.calibrate import models
@@ -132,7 +132,7 @@ def main() -> int:
         "duo": bench_one(str(dense), [*console_script("duo-serve", "duo_vllm.serve.launch"), str(duo),
                                       "--served-model-name", "duo", *common], args, "duo", work),
     }
-    result = {"device": device_name(), "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv),
+    result = {"device": device_name(), "date": time.strftime("%Y-%m-%d"), "command": command_line(),
               "dense_model": str(dense), "duo_checkpoint": str(duo), "duo_checkpoint_name": duo.name,
               "server_args": common, "input_len": args.input_len, "output_len": args.output_len,
               "concurrency": args.concurrency,

@@ -39,7 +39,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import psutil
-from bench_io import duo_checkpoint_arg
+from bench_io import command_line, duo_checkpoint_arg
 
 from duo_vllm.calibrate import models
 from duo_vllm.calibrate.data import load_text
@@ -388,7 +388,7 @@ def run_soak(ckpt: Path, clients: int = 64, duration: float = 120, seed: int = 0
         result = asyncio.run(drive(server, clients, duration, seed, request_timeout))
         result["server_alive"] = server.proc.poll() is None
         count, lines = log_errors(server.tail(10**9))
-    result = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    result = {"command": command_line(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
               "host_cpu": host_cpu(), "vllm_version": vllm.__version__, "checkpoint": str(ckpt),
               "server_args": server_args, "clients": clients, "duration_s": duration, "seed": seed, **result,
               "server_log": str(log) if log else None, "server_log_errors": count, "server_log_error_lines": lines}
