@@ -13,6 +13,7 @@ Model backends:
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -161,8 +162,13 @@ def build_task_dir(out: str | os.PathLike, tasks: list[str] | None = None) -> Pa
     return out
 
 
-def _lm(backend: str, model: str, base_url: str | None, served_name: str | None, batch_size: int | str):
-    """The lm-eval model object (or registry name + args) for one backend."""
+@contextlib.contextmanager
+def _open_lm(backend: str, model: str, base_url: str | None, served_name: str | None, batch_size: int | str):
+    """The lm-eval model object for one backend. vLLM's engine is shut down on the way out: left to the
+    interpreter's exit, its teardown once aborted a finished run ("terminate called without an active
+    exception", exit status not 0 after the scores were written; CI, 2026-12-07)."""
+    from lm_eval.api.registry import get_model
+
     from duo_vllm.format import is_duo_checkpoint
 
     if backend == "vllm":
@@ -174,14 +180,19 @@ def _lm(backend: str, model: str, base_url: str | None, served_name: str | None,
         args = {"pretrained": model, "max_model_len": 2048, "seed": 0, **engine.engine_kwargs(os.environ)}
         if is_duo_checkpoint(model):
             args["quantization"] = "duo"
-        return "vllm", args
-    if backend == "server":
+        lm = get_model("vllm").create_from_arg_obj(args, {"batch_size": batch_size})
+        try:
+            yield lm
+        finally:
+            lm.model.llm_engine.engine_core.shutdown()
+    elif backend == "server":
         if not base_url:
             raise ValueError("--backend server needs --base-url (e.g. http://127.0.0.1:8000/v1)")
-        return "local-completions", {"base_url": base_url.rstrip("/") + "/completions", "model": served_name or model,
-                                     "tokenizer": model, "tokenizer_backend": "huggingface",
-                                     "num_concurrent": 4, "max_retries": 3, "tokenized_requests": False}
-    if backend == "reference":
+        yield get_model("local-completions").create_from_arg_obj(
+            {"base_url": base_url.rstrip("/") + "/completions", "model": served_name or model, "tokenizer": model,
+             "tokenizer_backend": "huggingface", "num_concurrent": 4, "max_retries": 3, "tokenized_requests": False},
+            {"batch_size": batch_size})
+    elif backend == "reference":
         from lm_eval.models.huggingface import HFLM
 
         from duo_vllm.calibrate import models
@@ -191,8 +202,9 @@ def _lm(backend: str, model: str, base_url: str | None, served_name: str | None,
         # the thresholds live in forward hooks; lm-eval would look 'duo' up among transformers' quantizers
         if hasattr(net.config, "quantization_config"):
             delattr(net.config, "quantization_config")
-        return HFLM(pretrained=net, tokenizer=models.load_tokenizer(model), batch_size=batch_size), None
-    raise ValueError(f"--backend {backend!r}: unknown (use {', '.join(BACKENDS)})")
+        yield HFLM(pretrained=net, tokenizer=models.load_tokenizer(model), batch_size=batch_size)
+    else:
+        raise ValueError(f"--backend {backend!r}: unknown (use {', '.join(BACKENDS)})")
 
 
 def evaluate_zeroshot(
@@ -214,12 +226,12 @@ def evaluate_zeroshot(
 
     tasks = list(tasks or TASKS)
     task_dir = build_task_dir(task_dir or Path.home() / ".cache" / "duo-vllm" / "lm_eval_tasks", tasks)
-    lm, model_args = _lm(backend, str(model), base_url, served_name, batch_size)
-    result = lm_eval.simple_evaluate(
-        model=lm, model_args=model_args, tasks=[TASK_PREFIX + t for t in tasks], num_fewshot=0, limit=limit,
-        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
-        batch_size=batch_size, log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
-    )
+    with _open_lm(backend, str(model), base_url, served_name, batch_size) as lm:
+        result = lm_eval.simple_evaluate(
+            model=lm, tasks=[TASK_PREFIX + t for t in tasks], num_fewshot=0, limit=limit,
+            task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+            batch_size=batch_size, log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+        )
     scores: dict[str, dict] = {}
     for task in tasks:
         r = result["results"][TASK_PREFIX + task]
