@@ -116,10 +116,12 @@ const ExpandTable kExpand;
 // L1: at one thread the L1's few miss buffers cannot hold enough lines in flight (measured: README, CPU kernel).
 constexpr int64_t kPrefetchBytes = 8192;
 
-// Live channels taken together in one pass over their segments' words: each 8-output accumulator is loaded
-// and stored once per kChannels channels instead of once per channel, and kChannels segments are read side
-// by side (more misses in flight after dead channels' holes). The FMAs still run in channel order. AVX2 takes
-// fewer for 3-4 tokens, whose x broadcasts (channels x tokens registers) would not fit in 16 ymm registers.
+// Live channels taken together (NC) in one pass over their segments' words: each accumulator vector is loaded
+// and stored once per NC channels instead of once per channel, and NC segments are read side by side (more
+// misses in flight after dead channels' holes). The FMAs still run in channel order. Up to 4 tokens, NC is 4
+// (AVX2: 2 for 3-4 tokens, whose x broadcasts would not fit in 16 ymm registers). From 5 tokens on, the
+// accumulators ([M, width] floats, in L2 for wide tiles) cost more than the weights: NC is as many channels as
+// the expanded vectors fit in registers (16 zmm, 8 ymm), and x is broadcast from memory.
 
 // Channels j .. j + NC - 1 of a unit. MB > 0: exactly MB tokens; MB == 0: any m.
 template <int NC>
@@ -196,22 +198,30 @@ __attribute__((target("avx512f,avx512bw,fma,popcnt"))) void channels_avx512(cons
   for (int c = 0; c < NC; ++c)
     for (int r = 0; r < MB; ++r) xb[c][r] = _mm512_set1_ps(cur.xv[c][r]);
   for (int64_t wd = 0; wd < u.words; ++wd) {
-    __m512 v[NC][2];
+    uint32_t bits[NC];
     for (int c = 0; c < NC; ++c) {
-      const uint32_t bits = cur.mk[c][wd];
+      bits[c] = cur.mk[c][wd];
       _mm_prefetch(cur.ahead[c] + 64 * wd, _MM_HINT_T1);
-      const float* high = cur.w[c] + _mm_popcnt_u32(bits & 0xFFFFu);
-      v[c][0] = _mm512_maskz_expand_ps(static_cast<__mmask16>(bits), _mm512_loadu_ps(cur.w[c]));
-      v[c][1] = _mm512_maskz_expand_ps(static_cast<__mmask16>(bits >> 16), _mm512_loadu_ps(high));
-      cur.w[c] += _mm_popcnt_u32(bits);
     }
-    for (int h = 0; h < 2; ++h) {
-      float* a = u.acc + wd * kWord + 16 * h;
-      for (int64_t r = 0; r < (MB > 0 ? MB : u.m); ++r, a += u.ld) {
-        __m512 sum = _mm512_load_ps(a);
-        for (int c = 0; c < NC; ++c)
-          sum = _mm512_fmadd_ps(MB > 0 ? xb[c][r] : _mm512_set1_ps(cur.xv[c][r]), v[c][h], sum);
-        _mm512_store_ps(a, sum);
+    // Few tokens: both halves' values expanded before their FMAs (measured faster at M = 1); 16 channels: one
+    // half at a time, so the expanded values fit in the registers.
+    constexpr int kHalves = MB > 0 ? 2 : 1;
+    for (int h0 = 0; h0 < 2; h0 += kHalves) {
+      __m512 v[NC][kHalves];
+      for (int c = 0; c < NC; ++c)
+        for (int h = 0; h < kHalves; ++h) {
+          const auto half = static_cast<__mmask16>(bits[c] >> (16 * (h0 + h)));
+          v[c][h] = _mm512_maskz_expand_ps(half, _mm512_loadu_ps(cur.w[c]));
+          cur.w[c] += _mm_popcnt_u32(half);
+        }
+      for (int h = 0; h < kHalves; ++h) {
+        float* a = u.acc + wd * kWord + 16 * (h0 + h);
+        for (int64_t r = 0; r < (MB > 0 ? MB : u.m); ++r, a += u.ld) {
+          __m512 sum = _mm512_load_ps(a);
+          for (int c = 0; c < NC; ++c)
+            sum = _mm512_fmadd_ps(MB > 0 ? xb[c][r] : _mm512_set1_ps(cur.xv[c][r]), v[c][h], sum);
+          _mm512_store_ps(a, sum);
+        }
       }
     }
   }
@@ -226,33 +236,35 @@ struct Avx512 {
   static void run(const Unit& u, int64_t j, int64_t lead) { channels_avx512<MB, NC>(u, j, lead); }
 };
 
-// A unit's live channels, NC at a time, then the rest in chunks of 2 and 1 (channel order kept).
+// Live channels j .. j1 of a unit, NC at a time, then the rest in halving chunks (channel order kept).
 template <template <int, int> class Isa, int MB, int NC>
-void unit_simd(const Unit& u) {
-  static_assert(NC == 4 || NC == 2, "the tail takes chunks of 2 and 1");
-  const int64_t lead = std::max<int64_t>(NC, kPrefetchBytes / (64 * u.words));  // in live channels
-  int64_t j = u.j0;
+void channels_from(const Unit& u, int64_t j, int64_t lead) {
   for (; j + NC <= u.j1; j += NC) Isa<MB, NC>::run(u, j, lead);
-  if (NC > 2 && j + 2 <= u.j1) Isa<MB, 2>::run(u, j, lead), j += 2;
-  if (j < u.j1) Isa<MB, 1>::run(u, j, lead);
+  if constexpr (NC > 1) channels_from<Isa, MB, NC / 2>(u, j, lead);
 }
 
-template <template <int, int> class Isa, int NC34>
+template <template <int, int> class Isa, int MB, int NC>
+void unit_simd(const Unit& u) {
+  const int64_t lead = std::max<int64_t>(NC, kPrefetchBytes / (64 * u.words));  // in live channels
+  channels_from<Isa, MB, NC>(u, u.j0, lead);
+}
+
+template <template <int, int> class Isa, int NC34, int NC_MANY>
 UnitFn simd_unit_fn(int64_t m) {
   switch (m) {
     case 1: return unit_simd<Isa, 1, 4>;
     case 2: return unit_simd<Isa, 2, 4>;
     case 3: return unit_simd<Isa, 3, NC34>;
     case 4: return unit_simd<Isa, 4, NC34>;
-    default: return unit_simd<Isa, 0, 4>;
+    default: return unit_simd<Isa, 0, NC_MANY>;
   }
 }
 #endif
 
 UnitFn unit_fn(const std::string& isa, int64_t m) {
 #ifdef DUO_X86
-  if (isa == "avx512") return simd_unit_fn<Avx512, 4>(m);
-  if (isa == "avx2") return simd_unit_fn<Avx2, 2>(m);  // 3-4 tokens: 2 channels, 16 ymm registers
+  if (isa == "avx512") return simd_unit_fn<Avx512, 4, 16>(m);
+  if (isa == "avx2") return simd_unit_fn<Avx2, 2, 8>(m);
 #endif
   return unit_portable;
 }
